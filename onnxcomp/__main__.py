@@ -1,0 +1,5 @@
+"""`python -m onnxcomp` runs the CLI."""
+
+from onnxcomp.cli import main
+
+main()

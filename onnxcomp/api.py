@@ -1,0 +1,115 @@
+"""The library entry points behind `onnxcomp.optimize` and `onnxcomp.inspect`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from onnxcomp.base import Pass
+from onnxcomp.calibration import CalibrationData, ImagePreprocess
+from onnxcomp.context import PassContext, Tolerance
+from onnxcomp.model import Model, constant_nbytes, load
+from onnxcomp.pipeline import LOSSLESS_TOLERANCE, Pipeline, as_pipeline
+from onnxcomp.report import Report
+
+
+@dataclass
+class OptimizeResult:
+    model: Model
+    report: Report
+
+    def save(self, path: str | Path, **kwargs: Any) -> Path:
+        from onnxcomp.model import save
+
+        return save(self.model, path, **kwargs)
+
+
+def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
+             calibration: Any = None, providers: str | list[str] | None = None, *,
+             evaluation: Any = None, preprocess: ImagePreprocess | str | None = None,
+             verify_each: bool = False, on_failure: str = "stop", tolerance: Tolerance | None = None,
+             check: bool = True, seed: int = 0, progress=None) -> OptimizeResult:
+    """Run a pipeline over a model and return the new model and its report.
+
+    `calibration` / `evaluation`: an .npz path, an image folder (with `preprocess`) or an
+    iterable of {input_name: array} dicts. With `check`, the result is compared with the input
+    on ORT (on `evaluation` data, or generated inputs) and the figures go in the report.
+    """
+    source = load(model_or_path)
+    original = source.copy() if check else None
+    pipeline = as_pipeline(spec_or_pipeline)
+    if verify_each:
+        pipeline.verify_each = True
+    pipeline.on_failure = on_failure
+    input_names = [t.name for t in source.graph.inputs]
+    ctx = PassContext(
+        calibration=CalibrationData.from_source(calibration, preprocess, input_names),
+        evaluation=CalibrationData.from_source(evaluation, preprocess, input_names),
+        providers=list(providers) if isinstance(providers, (list, tuple)) else
+        ([p for p in providers.split(",")] if providers else ["cpu"]),
+        tolerance=tolerance or Tolerance(),
+        seed=seed,
+        progress=progress,
+    )
+    result = pipeline.run(source, ctx)
+    if check and original is not None:
+        from onnxcomp.validate import validate
+
+        tol = ctx.tolerance if not pipeline.lossless else (tolerance or LOSSLESS_TOLERANCE)
+        report = validate(original, result.model, ctx.evaluation, ctx.providers, tol)
+        result.report.validation = report.to_dict()
+        result.report.validation["summary"] = report.worst()
+    return OptimizeResult(result.model, result.report)
+
+
+def inspect(model_or_path) -> dict[str, Any]:
+    """Facts about a model: opsets, inputs/outputs, op histogram, parameter bytes by dtype, sparsity."""
+    model = load(model_or_path)
+    graph = model.graph
+    ops = Counter((f"{n.domain}::" if n.domain else "") + n.op for n in graph.nodes)
+    by_dtype: Counter = Counter()
+    zeros = total = 0
+    for const in model.initializers().values():
+        values = const.values
+        by_dtype[str(np.dtype(values.dtype)) if values.dtype is not None else "other"] += constant_nbytes(const)
+        if values.size and np.issubdtype(values.dtype, np.number):
+            zeros += int(np.count_nonzero(values == 0))
+            total += int(values.size)
+
+    def describe(tensors):
+        return [{"name": t.name, "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None,
+                 "shape": list(t.shape) if t.shape is not None else None} for t in tensors]
+
+    info = {
+        "ir_version": model.ir_version,
+        "opsets": dict(model.opset_imports),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": describe(graph.inputs),
+        "outputs": describe(graph.outputs),
+        **model.summary(),
+        "parameters": total,
+        "param_bytes_by_dtype": dict(by_dtype),
+        "sparsity": zeros / total if total else 0.0,
+        "ops": dict(ops.most_common()),
+    }
+    if model.source_path is not None and Path(model.source_path).exists():
+        info["file_bytes"] = Path(model.source_path).stat().st_size
+    return info
+
+
+def check_model(model: Model) -> None:
+    """onnx.checker on the exported model (used by tests and the final pipeline check)."""
+    onnx.checker.check_model(model.to_proto())
+
+
+def feeds_from(data: Any) -> list[dict[str, np.ndarray]] | None:
+    source = CalibrationData.from_source(data)
+    return list(source) if source is not None else None
+
+
+__all__ = ["OptimizeResult", "optimize", "inspect", "check_model", "feeds_from"]

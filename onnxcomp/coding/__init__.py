@@ -1,0 +1,1 @@
+"""Entropy coders used by the packed (.onnxc) container."""

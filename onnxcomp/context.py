@@ -1,0 +1,70 @@
+"""PassContext: what passes share besides the model — data, providers, tolerances, analyses.
+
+Expensive analyses (activation ranges, layer Hessians, sensitivities) are cached here under a
+key. A pass that changes what an analysis depends on calls `invalidate()` (LLVM's "preserved
+analyses", in small): the pipeline does it for every pass that changed the model unless the
+pass lists the analyses it preserves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from onnxcomp.calibration import CalibrationData
+
+
+@dataclass
+class Tolerance:
+    """Agreement required between a reference and a candidate output.
+
+    An output passes when its max abs error <= atol + rtol * |reference| everywhere (NaN only
+    where the reference has NaN), its cosine >= min_cosine and its top-1 agreement >= min_top1.
+    """
+
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    min_cosine: float | None = None
+    min_top1: float | None = None
+
+    @classmethod
+    def exact(cls) -> Tolerance:
+        return cls(atol=0.0, rtol=0.0)
+
+
+@dataclass
+class PassContext:
+    calibration: CalibrationData | None = None
+    evaluation: CalibrationData | None = None  # held-out inputs for validation (never calibration)
+    providers: list[str] = field(default_factory=lambda: ["cpu"])
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    seed: int = 0
+    progress: Callable[[str, float], None] | None = None
+    notes: list[str] = field(default_factory=list)
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def analysis(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The cached value of an analysis, computed on first use."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def invalidate(self, keep: tuple[str, ...] = ()) -> None:
+        """Drop every cached analysis except those named in `keep`."""
+        self._cache = {k: v for k, v in self._cache.items() if k in keep}
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed)
+
+    def note(self, message: str) -> None:
+        """Something the user should read in the report (e.g. an opset upgrade)."""
+        self.notes.append(message)
+
+    def require_calibration(self, pass_name: str) -> CalibrationData:
+        from onnxcomp.errors import PassError
+
+        if self.calibration is None:
+            raise PassError(f"{pass_name} needs calibration data (--calibration FILE.npz or an image folder)")
+        return self.calibration

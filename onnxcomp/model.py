@@ -1,0 +1,275 @@
+"""The editable model: an onnx-graphsurgeon Graph plus the model-level facts it lacks.
+
+Protobuf appears only here (load/save) and in the packed container. Loading checks the file
+before trusting it (empty, not a protobuf, not a model, unsafe or missing external data), and
+saving is atomic: everything is written to a temporary folder beside the target and renamed
+into place only when complete, so no half-written output is ever left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from onnxcomp.errors import InputError, OutputError
+
+# Protobuf cannot serialize a message over 2 GiB; above this many initializer bytes we save
+# the weights as external data. Kept a little under 2 GiB to leave room for the graph itself.
+PROTOBUF_LIMIT = 2**31 - 64 * 2**20
+EXTERNAL_DATA_MIN_BYTES = 1024
+
+
+@dataclass
+class Model:
+    """One model being optimized: the graph and what ModelProto holds around it."""
+
+    graph: gs.Graph
+    ir_version: int
+    opset_imports: dict[str, int]
+    metadata: dict[str, str] = field(default_factory=dict)
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    source_path: Path | None = None
+
+    # ---- conversions -------------------------------------------------------------------
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, source_path: Path | None = None) -> Model:
+        try:
+            graph = gs.import_onnx(proto)
+        except Exception as exc:  # graphsurgeon raises many kinds on malformed graphs
+            raise InputError(f"cannot read the graph: {type(exc).__name__}: {exc}") from exc
+        return cls(
+            graph=graph,
+            ir_version=proto.ir_version,
+            opset_imports={o.domain: o.version for o in proto.opset_import},
+            metadata={p.key: p.value for p in proto.metadata_props},
+            producer_name=proto.producer_name,
+            producer_version=proto.producer_version,
+            domain=proto.domain,
+            model_version=proto.model_version,
+            doc_string=proto.doc_string,
+            source_path=source_path,
+        )
+
+    def to_proto(self) -> onnx.ModelProto:
+        """Export to a ModelProto (topologically sorted), keeping IR version, opsets and metadata."""
+        self.graph.toposort()
+        opsets = dict(self.opset_imports)
+        opsets[""] = self.graph.opset  # a pass may have upgraded the default-domain opset
+        self.graph.import_domains = [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()]
+        proto = gs.export_onnx(self.graph, do_type_check=False)
+        proto.ir_version = self.ir_version
+        proto.producer_name = self.producer_name
+        proto.producer_version = self.producer_version
+        proto.domain = self.domain
+        proto.model_version = self.model_version
+        proto.doc_string = self.doc_string
+        del proto.metadata_props[:]
+        for key, value in self.metadata.items():
+            proto.metadata_props.add(key=key, value=value)
+        if self.ir_version < 4:
+            _list_initializers_as_inputs(proto.graph)
+        return proto
+
+    def copy(self) -> Model:
+        """A deep copy (weights included), used to roll a failed pass back."""
+        return Model.from_proto(self.to_proto(), self.source_path)
+
+    # ---- facts --------------------------------------------------------------------------
+    @property
+    def opset(self) -> int:
+        return int(self.graph.opset)
+
+    def initializers(self) -> dict[str, gs.Constant]:
+        """Every Constant tensor of the main graph by name (nodes' inputs only)."""
+        return {t.name: t for t in self.graph.tensors().values() if isinstance(t, gs.Constant)}
+
+    def summary(self) -> dict[str, int]:
+        """Counts used by the per-pass report: nodes, initializers and parameter bytes."""
+        consts = self.initializers().values()
+        return {
+            "nodes": len(self.graph.nodes),
+            "initializers": len(consts),
+            "param_bytes": int(sum(constant_nbytes(c) for c in consts)),
+        }
+
+
+def constant_nbytes(const: gs.Constant) -> int:
+    """Size of a constant's values without loading lazy (possibly external) data."""
+    values = const._values if hasattr(const, "_values") else const.values
+    return int(getattr(values, "nbytes", 0))
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR < 4 requires every initializer to also be a graph input (graphsurgeon drops them)."""
+    listed = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+
+
+# ---- loading --------------------------------------------------------------------------
+def load(source: str | os.PathLike | onnx.ModelProto | bytes | Model) -> Model:
+    """Load a model from a path, bytes, a ModelProto or a Model (returned as is)."""
+    if isinstance(source, Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return Model.from_proto(source)
+    if isinstance(source, (bytes, bytearray)):
+        return Model.from_proto(parse_model_bytes(bytes(source), "the given bytes"))
+    path = Path(source)
+    if str(path).endswith(".onnxc"):
+        from onnxcomp import container  # the packed format lives in its own module
+
+        return container.load_packed(path)
+    return Model.from_proto(load_proto(path), path)
+
+
+def load_proto(path: Path) -> onnx.ModelProto:
+    """Read and sanity-check an .onnx file, with its external data loaded safely."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an ONNX model file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty")
+    proto = parse_model_bytes(path.read_bytes(), str(path))
+    load_external_data_safely(proto, path.parent)
+    return proto
+
+
+def parse_model_bytes(data: bytes, where: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{where}: not an ONNX model (the protobuf cannot be parsed: {exc})") from exc
+    # Random bytes sometimes parse as a protobuf; a real model has an IR version and a graph.
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import and proto.ir_version >= 3:
+        raise InputError(f"{where}: not an ONNX model (no IR version, graph or opset import)")
+    if proto.ir_version > onnx.IR_VERSION:
+        raise InputError(
+            f"{where}: IR version {proto.ir_version} is newer than this onnx supports ({onnx.IR_VERSION})"
+        )
+    return proto
+
+
+def _external_tensors(proto: onnx.ModelProto):
+    for tensor in external_data_helper._get_all_tensors(proto):  # covers subgraphs and attributes
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def load_external_data_safely(proto: onnx.ModelProto, base_dir: Path) -> None:
+    """Load external tensor data, refusing any location outside the model's folder.
+
+    Written here instead of calling onnx.load's loader because that loader had path-traversal
+    holes (CVE-2024-27318, CVE-2024-5187): every location is resolved and checked *before* any
+    file is opened, and lengths are checked against the file size.
+    """
+    base = base_dir.resolve()
+    for tensor in _external_tensors(proto):
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location or ""
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise InputError(f"tensor {tensor.name!r}: external data location {location!r} escapes the model's folder")
+        target = (base / location).resolve()
+        if base not in target.parents:
+            raise InputError(f"tensor {tensor.name!r}: external data location {location!r} escapes the model's folder")
+        if not target.is_file():
+            raise InputError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+        offset = int(info.offset or 0)
+        size = target.stat().st_size
+        expected = _declared_nbytes(tensor)
+        length = int(info.length) if info.length else (expected if expected is not None else size - offset)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise InputError(
+                f"tensor {tensor.name!r}: external data {location!r} is shorter than declared "
+                f"(needs {offset + length} bytes, has {size})"
+            )
+        if expected is not None and length != expected:
+            raise InputError(
+                f"tensor {tensor.name!r}: external data length {length} does not match its shape ({expected} bytes)"
+            )
+        with open(target, "rb") as fh:
+            fh.seek(offset)
+            tensor.raw_data = fh.read(length)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _declared_nbytes(tensor: onnx.TensorProto) -> int | None:
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+        return None
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
+    return (count * bits + 7) // 8 if bits else count * itemsize
+
+
+# ---- saving ---------------------------------------------------------------------------
+def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+         force: bool = False, source: str | os.PathLike | None = None) -> Path:
+    """Save atomically. Weights go to `<name>.data` beside the model when they would not fit
+    in one protobuf (over 2 GB) or when `external_data=True`.
+
+    `source` is the input path: writing over it is refused unless `force=True`, and even then
+    the input is replaced only once the new file is complete.
+    """
+    path = Path(path)
+    if source is not None and not force and path.exists() and path.resolve() == Path(source).resolve():
+        raise OutputError(f"{path}: refusing to overwrite the input model (use --force)")
+    if str(path).endswith(".onnxc"):
+        from onnxcomp import container
+
+        return container.save_packed(load(model) if isinstance(model, onnx.ModelProto) else model, path)
+    proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
+    if external_data is None:
+        external_data = _initializer_bytes(proto) > PROTOBUF_LIMIT
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{path}: the folder {folder} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        staged = staging / path.name
+        data_name = path.name + ".data"
+        if external_data:
+            external_data_helper.convert_model_to_external_data(
+                proto, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_DATA_MIN_BYTES
+            )
+            external_data_helper.write_external_data_tensors(proto, str(staging))
+        with open(staged, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        # Data first, then the model file that refers to it: the model never points at nothing.
+        if external_data and (staging / data_name).exists():
+            os.replace(staging / data_name, folder / data_name)
+        os.replace(staged, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _initializer_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in external_data_helper._get_all_tensors(proto))
+
+
+def serialize(model: Model) -> bytes:
+    """Model bytes for an in-memory ORT session (under 2 GB)."""
+    return model.to_proto().SerializeToString()

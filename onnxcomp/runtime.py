@@ -1,0 +1,117 @@
+"""ONNX Runtime sessions: provider names, in-memory sessions, and clean errors.
+
+Every evaluation in onnxcomp (validation, calibration, folding) goes through `make_session`,
+so provider handling and error wording live in one place.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from onnxcomp.errors import InputError, OnnxcompError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+
+class RuntimeUnavailable(OnnxcompError):
+    """The requested execution provider is not installed or has no device here."""
+
+
+class CannotRun(OnnxcompError):
+    """ORT refused to load or run the model (custom ops, unsupported types...)."""
+
+
+def provider_name(short: str) -> str:
+    key = short.strip().lower()
+    if key in PROVIDERS:
+        return PROVIDERS[key]
+    if short in PROVIDERS.values():
+        return short
+    raise InputError(f"unknown execution provider {short!r} (known: {', '.join(PROVIDERS)})")
+
+
+def parse_providers(text: str | Iterable[str] | None) -> list[str]:
+    """'cpu,cuda' or ['cpu', 'cuda'] -> short names, validated; default ['cpu']."""
+    if text is None:
+        return ["cpu"]
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = [i.strip().lower() for i in items if i.strip()]
+    for name in names:
+        provider_name(name)
+    return names or ["cpu"]
+
+
+def available(short: str) -> bool:
+    import onnxruntime as ort
+
+    return provider_name(short) in ort.get_available_providers()
+
+
+def make_session(model, provider: str = "cpu", threads: int | None = 1, optimize: bool = True):
+    """An InferenceSession on one provider, built from memory when the model fits in protobuf.
+
+    `model` is a Model, a ModelProto, serialized bytes or a path. CUDA sessions fail loudly
+    (RuntimeUnavailable) instead of silently falling back to the CPU.
+    """
+    import onnxruntime as ort
+
+    from onnxcomp.model import PROTOBUF_LIMIT, Model, _initializer_bytes, save
+
+    name = provider_name(provider)
+    if name not in ort.get_available_providers():
+        raise RuntimeUnavailable(f"{provider}: {name} is not available in this onnxruntime build")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    keep_alive = None
+    if isinstance(model, Model):
+        model = model.to_proto()
+    if isinstance(model, onnx.ModelProto):
+        if _initializer_bytes(model) > PROTOBUF_LIMIT:
+            keep_alive = tempfile.TemporaryDirectory(prefix="onnxcomp-session-")
+            target = Path(keep_alive.name) / "model.onnx"
+            save(model, target, external_data=True)
+            model = str(target)
+        else:
+            model = model.SerializeToString()
+    elif isinstance(model, Path):
+        model = str(model)
+    try:
+        session = ort.InferenceSession(model, sess_options=options, providers=[name])
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise CannotRun(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+    if name != "CPUExecutionProvider" and name not in session.get_providers():
+        raise RuntimeUnavailable(f"{provider}: onnxruntime fell back to {session.get_providers()}")
+    session._onnxcomp_tmp = keep_alive  # keep external data alive as long as the session
+    return session
+
+
+def run(session, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Run a session; return {output name: array}."""
+    names = output_names or [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    try:
+        values = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    except Exception as exc:
+        raise CannotRun(f"onnxruntime failed while running the model: {_first_line(exc)}") from exc
+    return dict(zip(names, values))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:400]
