@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.run SUITE` (one module per suite in this folder)."""
