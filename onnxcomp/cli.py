@@ -1,0 +1,256 @@
+"""The `onnxcomp` command line: a thin layer that builds the same objects the Python API does.
+
+Every error a user can cause ends as one line on stderr and a non-zero exit (2 for bad input,
+1 for a result outside tolerance), never a traceback; set ONNXCOMP_DEBUG=1 to see one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from onnxcomp.errors import InputError, OnnxcompError, OutputError, SpecError
+
+
+def _exception_classes(name: str) -> tuple[type, ...]:
+    """`name` from click and from typer's vendored copy of click (typer >= 0.20 ships its own)."""
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(__import__(module, fromlist=[name]), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_EXIT = _exception_classes("Exit")
+_ABORT = _exception_classes("Abort")
+_USAGE = _exception_classes("ClickException")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="onnxcomp: optimize, prune, quantize and pack ONNX models, validated on ONNX Runtime.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _tolerance(atol: Optional[float], rtol: Optional[float], min_cosine: Optional[float]):
+    from onnxcomp.context import Tolerance
+
+    tol = Tolerance()
+    if atol is not None:
+        tol.atol = atol
+    if rtol is not None:
+        tol.rtol = rtol
+    tol.min_cosine = min_cosine
+    return tol
+
+
+def _check_output_path(output: Path, source: Path, force: bool) -> None:
+    """Fail before any work when the output cannot or must not be written."""
+    if not output.parent.exists():
+        raise OutputError(f"{output}: the folder {output.parent} does not exist")
+    if output.exists() and source.exists() and output.resolve() == source.resolve() and not force:
+        raise OutputError(f"{output}: refusing to overwrite the input model (use --force)")
+
+
+@app.command()
+def optimize(
+    model: Path = typer.Argument(..., help="Input .onnx model."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx (or .onnxc for a packed file)."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Pipeline spec text or a .yaml/.json file."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A named pipeline (see `onnxcomp passes --presets`)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data: .npz or an image folder."),
+    evaluation: Optional[Path] = typer.Option(None, "--evaluation", help="Held-out data to validate on (.npz or images)."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="For image folders, e.g. size=320x240,mean=127,std=128."),
+    verify_each: bool = typer.Option(False, "--verify-each", help="Validate after every pass; roll a failing pass back."),
+    on_failure: str = typer.Option("stop", "--on-failure", help="After a pass fails verification: stop or continue."),
+    providers: str = typer.Option("cpu", "--providers", help="Execution providers to validate on, e.g. cpu,cuda."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance for lossy passes."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance for lossy passes."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Minimum output cosine for lossy passes."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    force: bool = typer.Option(False, "--force", help="Allow writing over the input file (only once complete)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare the result with the input on ORT."),
+):
+    """Run a pipeline of passes over MODEL and write the result to OUTPUT."""
+    from onnxcomp.api import optimize as run_optimize
+    from onnxcomp.model import save
+    from onnxcomp.pipeline import Pipeline
+    from onnxcomp.presets import preset_spec
+
+    if (pipeline is None) == (preset is None):
+        raise SpecError("give exactly one of --pipeline or --preset")
+    _check_output_path(output, model, force)
+    spec = Pipeline.parse(pipeline if pipeline is not None else preset_spec(preset),
+                          verify_each=verify_each, on_failure=on_failure)
+    with err.status("loading…") as status:
+        def progress(step: str, fraction: float) -> None:
+            status.update(f"[{fraction:4.0%}] {step}")
+
+        result = run_optimize(model, spec, calibration, providers, evaluation=evaluation, preprocess=preprocess,
+                              verify_each=verify_each, on_failure=on_failure,
+                              tolerance=_tolerance(atol, rtol, min_cosine), check=check, progress=progress)
+        status.update("saving…")
+        save(result.model, output, force=force, source=model)
+    if report is not None:
+        result.report.write(report)
+    if as_json:
+        print(result.report.to_json())
+    else:
+        out.print(result.report.table())
+        for note in result.report.notes:
+            out.print(f"note: {note}")
+        if result.report.validation:
+            verdict = "[green]within tolerance" if result.report.validation["passed"] else "[red]OUTSIDE tolerance"
+            out.print(f"validation on ORT: {verdict}[/] — {result.report.validation['summary']}")
+        out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
+    if result.report.validation and not result.report.validation["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(
+    reference: Path = typer.Argument(..., help="Reference model."),
+    candidate: Path = typer.Argument(..., help="Candidate model (e.g. the optimized one)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs as .npz (samples on axis 0); else generated."),
+    providers: str = typer.Option("cpu", "--providers", help="Execution providers, e.g. cpu,cuda."),
+    atol: float = typer.Option(1e-5, "--atol"),
+    rtol: float = typer.Option(1e-4, "--rtol"),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine"),
+    samples: int = typer.Option(2, "--samples", help="Generated input samples when no --inputs."),
+    dim: list[str] = typer.Option([], "--dim", help="Size of a dynamic dimension, NAME=SIZE (repeatable)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Run REFERENCE and CANDIDATE on the same inputs; exit 0 within tolerance, 1 outside, 2 on error."""
+    from onnxcomp.validate import validate as run_validate
+
+    dims = {}
+    for item in dim:
+        name, _, size = item.partition("=")
+        if not size.isdigit():
+            raise InputError(f"--dim {item!r}: expected NAME=SIZE")
+        dims[name] = int(size)
+    result = run_validate(reference, candidate, str(inputs) if inputs else None, providers,
+                          _tolerance(atol, rtol, min_cosine), samples=samples, dims=dims)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"{candidate} vs {reference} ({result.samples} samples)", title_justify="left")
+        for col in ("provider", "output", "max abs", "max rel", "cosine", "top-1", "verdict"):
+            table.add_column(col)
+        for p in result.providers:
+            if p.skipped:
+                table.add_row(p.provider, "-", "-", "-", "-", "-", f"[yellow]not run: {p.skipped}")
+            for o in p.outputs:
+                table.add_row(p.provider, o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", f"{o.cosine:.6f}",
+                              "-" if o.top1 is None else f"{o.top1:.4f}",
+                              "[green]ok" if o.passed else f"[red]FAIL {o.reason}")
+        out.print(table)
+    if not result.ran_any:
+        raise InputError("no execution provider could run the models: " + result.worst())
+    raise typer.Exit(0 if result.passed else 1)
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="Model to describe (.onnx or .onnxc)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Opsets, inputs/outputs, op histogram, parameter bytes by dtype, sparsity."""
+    from onnxcomp.api import inspect as run_inspect
+
+    info = run_inspect(model)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    from rich.table import Table
+
+    out.print(f"[bold]{model}[/]  IR {info['ir_version']}, opsets {info['opsets']}, producer {info['producer'] or '-'}")
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            out.print(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {t['shape']}")
+    out.print(f"  {info['nodes']:,} nodes, {info['initializers']:,} initializers, {info['parameters']:,} parameters, "
+              f"{info['param_bytes']:,} parameter bytes {info['param_bytes_by_dtype']}, sparsity {info['sparsity']:.2%}")
+    table = Table("op", "count", title="ops", title_justify="left")
+    for op, count in info["ops"].items():
+        table.add_row(op, str(count))
+    out.print(table)
+
+
+@app.command("passes")
+def list_passes(presets: bool = typer.Option(False, "--presets", help="List the presets instead.")):
+    """Every pass with its parameters, defaults and help."""
+    import dataclasses
+
+    from rich.table import Table
+
+    from onnxcomp.presets import PRESETS
+    from onnxcomp.registry import all_passes
+    from onnxcomp.spec import format_value
+
+    if presets:
+        table = Table("preset", "pipeline", "what it does")
+        for name, (spec, help_text) in PRESETS.items():
+            table.add_row(name, spec, help_text)
+        out.print(table)
+        return
+    table = Table("pass", "kind", "parameters (default) — help", show_lines=True)
+    for name, cls in all_passes().items():
+        kind = "exact" if cls.exact else "lossless" if cls.lossless else "lossy"
+        lines = []
+        for f in dataclasses.fields(cls.Config):
+            meta = f.metadata
+            allowed = f" [{'|'.join(map(str, meta['choices']))}]" if meta.get("choices") else ""
+            lines.append(f"{f.name}={format_value(f.default)}{allowed} — {meta.get('help', '')}")
+        table.add_row(name, kind, cls.summary() + ("\n" + "\n".join(lines) if lines else ""))
+    out.print(table)
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: temp files are cleaned up
+    raise KeyboardInterrupt
+
+
+def _error(message: str) -> None:
+    """One plain line on stderr (no rich wrapping, so scripts can read it)."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="onnxcomp", standalone_mode=False)
+    except _EXIT as exc:
+        code = exc.exit_code
+    except _USAGE as exc:
+        _error(exc.format_message())
+        code = 2
+    except (KeyboardInterrupt, *_ABORT):
+        _error("interrupted; no output was written")
+        code = 130
+    except OnnxcompError as exc:
+        _error(str(exc))
+        code = exc.exit_code
+    except Exception as exc:  # a bug: still one line unless debugging
+        if os.environ.get("ONNXCOMP_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        _error(f"internal error: {type(exc).__name__}: {first} (set ONNXCOMP_DEBUG=1 for a traceback)")
+        code = 3
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
