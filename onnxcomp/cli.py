@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from onnxcomp.errors import InputError, OnnxcompError, OutputError, SpecError
+from onnxcomp.errors import GateFailed, InputError, OnnxcompError, OutputError, SpecError
 
 
 def _exception_classes(name: str) -> tuple[type, ...]:
@@ -45,6 +45,8 @@ err = Console(stderr=True)
 def _tolerance(atol: Optional[float], rtol: Optional[float], min_cosine: Optional[float]):
     from onnxcomp.context import Tolerance
 
+    if atol is None and rtol is None and min_cosine is None:
+        return None
     tol = Tolerance()
     if atol is not None:
         tol.atol = atol
@@ -100,6 +102,11 @@ def optimize(
         result = run_optimize(model, spec, calibration, providers, evaluation=evaluation, preprocess=preprocess,
                               verify_each=verify_each, on_failure=on_failure,
                               tolerance=_tolerance(atol, rtol, min_cosine), check=check, progress=progress)
+        if result.report.validation and result.report.validation["passed"] is False:
+            if report is not None:
+                result.report.write(report)
+            raise GateFailed("the result is outside tolerance, nothing was written: "
+                             + result.report.validation["summary"])
         status.update("saving…")
         save(result.model, output, force=force, source=model)
     if report is not None:
@@ -111,11 +118,11 @@ def optimize(
         for note in result.report.notes:
             out.print(f"note: {note}")
         if result.report.validation:
-            verdict = "[green]within tolerance" if result.report.validation["passed"] else "[red]OUTSIDE tolerance"
+            passed = result.report.validation["passed"]
+            verdict = ("[green]within tolerance" if passed else "[red]OUTSIDE tolerance") if passed is not None \
+                else "[yellow]lossy, no tolerance given (--min-cosine/--atol to gate)"
             out.print(f"validation on ORT: {verdict}[/] — {result.report.validation['summary']}")
         out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
-    if result.report.validation and not result.report.validation["passed"]:
-        raise typer.Exit(1)
 
 
 @app.command()
