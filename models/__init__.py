@@ -1,0 +1,1 @@
+"""onnxcomp's model zoo: `from models import zoo; zoo.get("digits_cnn").path` (see models/zoo.py)."""
