@@ -120,7 +120,7 @@ def optimize(
         if result.report.validation:
             passed = result.report.validation["passed"]
             verdict = ("[green]within tolerance" if passed else "[red]OUTSIDE tolerance") if passed is not None \
-                else "[yellow]lossy, no tolerance given (--min-cosine/--atol to gate)"
+                else "[yellow]not gated"
             out.print(f"validation on ORT: {verdict}[/] — {result.report.validation['summary']}")
         out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
 

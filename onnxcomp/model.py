@@ -19,8 +19,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxcomp.errors import InputError, OutputError
+
+# graphsurgeon logs warnings to the terminal; onnxcomp reports problems itself, in one line.
+G_LOGGER.severity = G_LOGGER.CRITICAL + 10
 
 # Protobuf cannot serialize a message over 2 GiB; above this many initializer bytes we save
 # the weights as external data. Kept a little under 2 GiB to leave room for the graph itself.
@@ -46,9 +50,13 @@ class Model:
     # ---- conversions -------------------------------------------------------------------
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source_path: Path | None = None) -> Model:
+        check_structure(proto)
         try:
             graph = gs.import_onnx(proto)
+            graph.toposort()
         except Exception as exc:  # graphsurgeon raises many kinds on malformed graphs
+            if "Cycle" in str(exc):
+                raise InputError("the graph has a cycle: a node depends on its own output") from exc
             raise InputError(f"cannot read the graph: {type(exc).__name__}: {exc}") from exc
         return cls(
             graph=graph,
@@ -104,6 +112,22 @@ class Model:
             "initializers": len(consts),
             "param_bytes": int(sum(constant_nbytes(c) for c in consts)),
         }
+
+
+def check_structure(proto: onnx.ModelProto) -> None:
+    """Refuse what no pass can work on safely: unknown opsets, tensors written twice."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise InputError(f"opset {opset.version} is newer than this onnx supports ({newest}); upgrade onnx")
+    produced = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        for name in node.output:
+            if not name:
+                continue
+            if name in produced:
+                raise InputError(f"tensor {name!r} is written by more than one node (or is also an input)")
+            produced.add(name)
 
 
 def constant_nbytes(const: gs.Constant) -> int:
@@ -273,3 +297,31 @@ def _initializer_bytes(proto: onnx.ModelProto) -> int:
 def serialize(model: Model) -> bytes:
     """Model bytes for an in-memory ORT session (under 2 GB)."""
     return model.to_proto().SerializeToString()
+
+
+def upgrade_opset(model: Model, version: int) -> Model:
+    """A copy of `model` converted to default-domain opset `version` by onnx.version_converter.
+
+    Opset imports of domains no node uses are dropped first (the converter refuses some of
+    them), and the IR version is raised to the lowest one that allows the new opset. A model
+    already at or above `version` is returned as is. Raises InputError when the conversion fails.
+    """
+    if model.opset >= version:
+        return model
+    from onnx import version_converter
+
+    proto = model.to_proto()
+    used = {n.domain or "" for n in proto.graph.node} | {""}
+    kept = [o for o in proto.opset_import if (o.domain or "") in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    try:
+        converted = version_converter.convert_version(proto, version)
+    except Exception as exc:  # the converter raises several kinds on unsupported patterns
+        raise InputError(f"cannot upgrade the model from opset {model.opset} to {version}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    min_ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
+    converted.ir_version = max(converted.ir_version, min_ir, 7)
+    upgraded = Model.from_proto(converted, model.source_path)
+    upgraded.metadata = dict(model.metadata)
+    return upgraded
