@@ -17,11 +17,19 @@ from onnxcomp.registry import all_passes, register
 from onnxcomp.report import Report
 from onnxcomp.validate import ValidationReport, generate_inputs, validate
 
+
+def export(module, example_inputs, path=None, **options):
+    """Export a torch module to ONNX, verified on ORT (see onnxcomp.torch_export.export)."""
+    from onnxcomp.torch_export import export as torch_export
+
+    return torch_export(module, example_inputs, path, **options)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationData", "GateFailed", "ImagePreprocess", "InputError", "Model", "OnnxcompError",
     "OptimizeResult", "OutputError", "Pass", "PassContext", "PassError", "PassResult", "Pipeline",
-    "PipelineResult", "Report", "SpecError", "Tolerance", "ValidationReport", "all_passes",
+    "PipelineResult", "Report", "SpecError", "Tolerance", "ValidationReport", "all_passes", "export",
     "generate_inputs", "inspect", "load", "optimize", "param", "register", "save", "validate",
 ]

@@ -33,13 +33,22 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
              calibration: Any = None, providers: str | list[str] | None = None, *,
              evaluation: Any = None, preprocess: ImagePreprocess | str | None = None,
              verify_each: bool = False, on_failure: str = "stop", tolerance: Tolerance | None = None,
-             check: bool = True, seed: int = 0, progress=None) -> OptimizeResult:
+             check: bool = True, seed: int = 0, progress=None, example_inputs: Any = None) -> OptimizeResult:
     """Run a pipeline over a model and return the new model and its report.
 
+    `model_or_path` may also be a torch.nn.Module (with `example_inputs`): it is exported first.
     `calibration` / `evaluation`: an .npz path, an image folder (with `preprocess`) or an
     iterable of {input_name: array} dicts. With `check`, the result is compared with the input
     on ORT (on `evaluation` data, or generated inputs) and the figures go in the report.
     """
+    if type(model_or_path).__module__.startswith("torch") or hasattr(model_or_path, "state_dict"):
+        from onnxcomp.torch_export import export
+
+        if example_inputs is None:
+            from onnxcomp.errors import InputError
+
+            raise InputError("optimizing a torch module needs example_inputs")
+        model_or_path = export(model_or_path, example_inputs).model
     source = load(model_or_path)
     original = source.copy() if check else None
     pipeline = as_pipeline(spec_or_pipeline)
