@@ -13,6 +13,7 @@ import onnx
 from onnxcomp.base import Pass
 from onnxcomp.calibration import CalibrationData, ImagePreprocess
 from onnxcomp.context import PassContext, Tolerance
+from onnxcomp.gate import Gate, GateChecker, check_disjoint, run_gated
 from onnxcomp.model import Model, constant_nbytes, load
 from onnxcomp.pipeline import LOSSLESS_TOLERANCE, Pipeline, as_pipeline
 from onnxcomp.report import Report
@@ -33,7 +34,8 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
              calibration: Any = None, providers: str | list[str] | None = None, *,
              evaluation: Any = None, preprocess: ImagePreprocess | str | None = None,
              verify_each: bool = False, on_failure: str = "stop", tolerance: Tolerance | None = None,
-             check: bool = True, seed: int = 0, progress=None, example_inputs: Any = None) -> OptimizeResult:
+             check: bool = True, seed: int = 0, progress=None, example_inputs: Any = None,
+             gate: Gate | None = None) -> OptimizeResult:
     """Run a pipeline over a model and return the new model and its report.
 
     `model_or_path` may also be a torch.nn.Module (with `example_inputs`): it is exported first.
@@ -65,13 +67,17 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
         seed=seed,
         progress=progress,
     )
-    result = pipeline.run(source, ctx)
+    if gate is not None and gate.active:
+        result = _run_with_gate(pipeline, source, ctx, gate)
+    else:
+        result = pipeline.run(source, ctx)
     if check and original is not None:
         from onnxcomp.validate import validate
 
         # Lossless pipelines are held to float rounding; lossy ones to the user's tolerance
         # when one is given, and otherwise only report what they changed.
-        gate = pipeline.lossless or tolerance is not None
+        gate_on = gate is not None and gate.active
+        gate = pipeline.lossless or (tolerance is not None and not gate_on)
         tol = tolerance or LOSSLESS_TOLERANCE
         report = validate(original, result.model, ctx.evaluation, ctx.providers, tol)
         result.report.validation = report.to_dict()
@@ -83,6 +89,31 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
         if not gate or not report.ran_any:
             result.report.validation["passed"] = None
     return OptimizeResult(result.model, result.report)
+
+
+def _run_with_gate(pipeline: Pipeline, source: Model, ctx: PassContext, gate: Gate):
+    """Hold the pipeline to the gate on held-out data, bisecting and backing off as needed."""
+    from onnxcomp.errors import GateFailed
+    from onnxcomp.validate import generate_inputs
+
+    if ctx.evaluation is None and ctx.calibration is not None and len(ctx.calibration) >= 2:
+        ctx.calibration, ctx.evaluation = ctx.calibration.split(0.5)
+        ctx.note(f"held out {len(ctx.evaluation)} of the calibration samples for the gate")
+    check_disjoint(ctx.calibration, ctx.evaluation)
+    feeds = list(ctx.evaluation) if ctx.evaluation is not None else generate_inputs(source, 8, seed=ctx.seed + 1)
+    checker = GateChecker(gate, source, feeds)
+    try:
+        result, path = run_gated(pipeline, source, ctx, checker)
+    except GateFailed as exc:
+        exc.report = Report(pipeline=str(pipeline), gate={"gate": gate.describe(), "passed": False,
+                                                           "path": getattr(exc, "path", [])})
+        raise
+    result.report.gate = {"gate": gate.describe(), "passed": True, "path": path, **{
+        k: v for k, v in path[-1].items() if k not in ("attempt", "pipeline", "passed")}}
+    if len(path) > 1:
+        ctx.note(f"accuracy gate: {len(path) - 1} back-off(s); final pipeline: {path[-1]['pipeline']}")
+        result.report.notes.append(ctx.notes[-1])
+    return result
 
 
 def inspect(model_or_path) -> dict[str, Any]:

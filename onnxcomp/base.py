@@ -61,6 +61,11 @@ class Pass:
         """First line of the class docstring: the one-line help of the pass."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
+    def backoff(self) -> Pass | None:
+        """A weaker version of this pass (lower sparsity, more bits...) for the accuracy gate to
+        retry with, or None when it cannot be weakened. Lossy passes override this."""
+        return None
+
     def with_params(self, **changes: Any) -> Pass:
         """A copy with some parameters changed (used when backing off a lossy pass)."""
         params = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}

@@ -76,9 +76,11 @@ def optimize(
     verify_each: bool = typer.Option(False, "--verify-each", help="Validate after every pass; roll a failing pass back."),
     on_failure: str = typer.Option("stop", "--on-failure", help="After a pass fails verification: stop or continue."),
     providers: str = typer.Option("cpu", "--providers", help="Execution providers to validate on, e.g. cpu,cuda."),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance for lossy passes."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Gate: max absolute output error vs the input model."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance for lossy passes."),
-    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Minimum output cosine for lossy passes."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum output cosine vs the input model."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: max task-metric drop in points (needs labels)."),
+    budget: int = typer.Option(6, "--budget", help="Gate: how many back-offs to try before giving up."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input file (only once complete)."),
@@ -86,6 +88,7 @@ def optimize(
 ):
     """Run a pipeline of passes over MODEL and write the result to OUTPUT."""
     from onnxcomp.api import optimize as run_optimize
+    from onnxcomp.gate import Gate
     from onnxcomp.model import save
     from onnxcomp.pipeline import Pipeline
     from onnxcomp.presets import preset_spec
@@ -101,7 +104,8 @@ def optimize(
 
         result = run_optimize(model, spec, calibration, providers, evaluation=evaluation, preprocess=preprocess,
                               verify_each=verify_each, on_failure=on_failure,
-                              tolerance=_tolerance(atol, rtol, min_cosine), check=check, progress=progress)
+                              tolerance=_tolerance(atol, rtol, min_cosine), check=check, progress=progress,
+                              gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget))
         if result.report.validation and result.report.validation["passed"] is False:
             if report is not None:
                 result.report.write(report)
@@ -115,6 +119,11 @@ def optimize(
         print(result.report.to_json())
     else:
         out.print(result.report.table())
+        if result.report.gate:
+            for step in result.report.gate["path"]:
+                if "action" in step:
+                    out.print(f"gate: {step['reason']} -> {step['action']}", markup=False)
+            out.print(f"gate ({result.report.gate['gate']}): [green]passed[/] with {result.report.gate['path'][-1]['pipeline']}")
         for note in result.report.notes:
             out.print(f"note: {note}")
         if result.report.validation:

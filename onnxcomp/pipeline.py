@@ -74,7 +74,9 @@ class Pipeline:
         return all(p.lossless for p in self.passes)
 
     # ---- running -------------------------------------------------------------------------
-    def run(self, model: Model, ctx: PassContext | None = None) -> PipelineResult:
+    def run(self, model: Model, ctx: PassContext | None = None, snapshots: list | None = None) -> PipelineResult:
+        """Run every pass over `model` (edited in place). With `snapshots` (a list), a copy of the
+        model after each pass is appended to it (the accuracy gate bisects over them)."""
         ctx = ctx or PassContext()
         report = Report(pipeline=str(self), input=model.summary())
         started = time.perf_counter()
@@ -122,6 +124,8 @@ class Pipeline:
                                            f"{check.worst()}")
                         error.report = report  # type: ignore[attr-defined]
                         raise error
+            if snapshots is not None:
+                snapshots.append(model.copy())
         report.output = model.summary()
         report.notes.extend(ctx.notes)
         report.seconds = time.perf_counter() - started

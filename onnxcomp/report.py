@@ -30,6 +30,7 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     validation: dict[str, Any] | None = None
+    gate: dict[str, Any] | None = None  # the accuracy gate: its verdict and the path taken
     seconds: float = 0.0
 
     @property

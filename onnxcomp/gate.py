@@ -1,0 +1,191 @@
+"""The accuracy gate: check a compressed model on held-out data, and when a lossy pass breaks
+the gate, find that pass (bisection over the pipeline's snapshots), back off its strength and
+retry, within a budget. The path taken goes into the report.
+
+Gate kinds: `max_drop` (task metric drop in percentage points — top-1 accuracy against labels by
+default, or the user's metric function), `min_cosine` and `atol` (output agreement with the
+original model). Evaluation data never overlaps calibration data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from onnxcomp.errors import InputError
+
+LABELS_KEY = "labels"
+
+
+@dataclass
+class Gate:
+    max_drop: float | None = None  # percentage points of the task metric (0.5 = half a point)
+    min_cosine: float | None = None
+    atol: float | None = None
+    metric: Callable[[list[dict[str, np.ndarray]], np.ndarray], float] | None = None
+    budget: int = 6  # retries after the first run
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.max_drop, self.min_cosine, self.atol))
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_drop is not None:
+            parts.append(f"metric drop <= {self.max_drop} points")
+        if self.min_cosine is not None:
+            parts.append(f"cosine >= {self.min_cosine}")
+        if self.atol is not None:
+            parts.append(f"max abs <= {self.atol}")
+        return ", ".join(parts)
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    figures: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+def split_labels(feeds: list[dict[str, np.ndarray]], input_names: set[str]):
+    """Separate a `labels` array (any non-input key named labels) from the feeds."""
+    labels, clean = [], []
+    for feed in feeds:
+        clean.append({k: v for k, v in feed.items() if k in input_names})
+        if LABELS_KEY in feed and LABELS_KEY not in input_names:
+            labels.append(np.asarray(feed[LABELS_KEY]).reshape(-1))
+    return clean, (np.concatenate(labels) if labels and len(labels) == len(feeds) else None)
+
+
+def top1_accuracy(outputs: list[dict[str, np.ndarray]], labels: np.ndarray) -> float:
+    first = [next(iter(o.values())) for o in outputs]
+    predictions = np.concatenate([np.argmax(f.reshape(f.shape[0], -1), axis=-1) for f in first])
+    return float(np.mean(predictions == labels))
+
+
+def _digest(feed: dict[str, np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(feed):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(feed[key]).tobytes())
+    return h.hexdigest()
+
+
+def check_disjoint(calibration, evaluation) -> None:
+    """Refuse evaluation data that shares a sample with the calibration data."""
+    if calibration is None or evaluation is None:
+        return
+    seen = {_digest(f) for f in calibration}
+    shared = sum(_digest(f) in seen for f in evaluation)
+    if shared:
+        raise InputError(f"{shared} evaluation sample(s) also appear in the calibration data; they must not overlap")
+
+
+class GateChecker:
+    """Runs the reference once, then judges candidates against the gate."""
+
+    def __init__(self, gate: Gate, reference, feeds: list[dict[str, np.ndarray]]):
+        from onnxcomp.model import load
+
+        self.gate = gate
+        ref = load(reference)
+        names = {t.name for t in ref.graph.inputs}
+        self.feeds, self.labels = split_labels(feeds, names)
+        if gate.max_drop is not None and self.labels is None and gate.metric is None:
+            raise InputError("--max-drop needs labels in the evaluation data (an array named 'labels') or a metric")
+        self.reference_outputs = self._outputs(ref)
+        self.reference_metric = self._metric(self.reference_outputs)
+
+    def _outputs(self, model) -> list[dict[str, np.ndarray]]:
+        from onnxcomp.runtime import make_session, run
+
+        session = make_session(model, "cpu", threads=None)
+        return [run(session, feed) for feed in self.feeds]
+
+    def _metric(self, outputs) -> float | None:
+        if self.gate.max_drop is None:
+            return None
+        fn = self.gate.metric or top1_accuracy
+        return float(fn(outputs, self.labels))
+
+    def check(self, candidate) -> Verdict:
+        from onnxcomp.context import Tolerance
+        from onnxcomp.validate import compare_arrays
+
+        outputs = self._outputs(candidate)
+        figures: dict[str, float] = {}
+        reasons = []
+        if self.gate.max_drop is not None:
+            value = self._metric(outputs)
+            drop = (self.reference_metric - value) * 100
+            figures.update(metric=value, reference_metric=self.reference_metric, drop_points=drop)
+            if drop > self.gate.max_drop:
+                reasons.append(f"metric {value:.4f} vs {self.reference_metric:.4f} (drop {drop:.2f} points)")
+        if self.gate.min_cosine is not None or self.gate.atol is not None:
+            tol = Tolerance(atol=self.gate.atol if self.gate.atol is not None else float("inf"), rtol=0.0)
+            worst_cos, worst_abs = 1.0, 0.0
+            for name in self.reference_outputs[0]:
+                result = compare_arrays(name, [o[name] for o in self.reference_outputs], [o[name] for o in outputs], tol)
+                worst_cos, worst_abs = min(worst_cos, result.cosine), max(worst_abs, result.max_abs)
+            figures.update(cosine=worst_cos, max_abs=worst_abs)
+            if self.gate.min_cosine is not None and worst_cos < self.gate.min_cosine:
+                reasons.append(f"cosine {worst_cos:.6f} < {self.gate.min_cosine}")
+            if self.gate.atol is not None and worst_abs > self.gate.atol:
+                reasons.append(f"max abs {worst_abs:.3g} > {self.gate.atol}")
+        return Verdict(not reasons, figures, "; ".join(reasons))
+
+
+def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[dict[str, Any]]]:
+    """Run the pipeline; while the gate fails, bisect to the culprit pass and back it off.
+
+    Returns (PipelineResult, path) where path lists every attempt. Raises GateFailed when the
+    budget is spent or no pass can be weakened further.
+    """
+    from onnxcomp.errors import GateFailed
+    from onnxcomp.pipeline import Pipeline
+
+    passes = list(pipeline.passes)
+    path: list[dict[str, Any]] = []
+    for attempt in range(checker.gate.budget + 1):
+        snapshots = []
+        trial = Pipeline(passes, verify_each=pipeline.verify_each, on_failure=pipeline.on_failure)
+        result = trial.run(source.copy(), ctx, snapshots=snapshots)
+        verdict = checker.check(result.model)
+        step = {"attempt": attempt, "pipeline": str(trial), "passed": verdict.passed, **verdict.figures}
+        path.append(step)
+        if verdict.passed:
+            return result, path
+        culprit = _first_failing(checker, passes, snapshots)
+        step["culprit"] = str(passes[culprit])
+        weaker = passes[culprit].backoff()
+        step["reason"] = verdict.reason
+        if weaker is None:
+            step["action"] = f"{passes[culprit]} cannot be weakened further; removed"
+            passes = passes[:culprit] + passes[culprit + 1:]
+        else:
+            step["action"] = f"backed off {passes[culprit]} -> {weaker}"
+            passes = passes[:culprit] + [weaker] + passes[culprit + 1:]
+        ctx.invalidate()
+    error = GateFailed(f"the gate ({checker.gate.describe()}) still fails after {checker.gate.budget} retries: "
+                       f"{path[-1].get('reason', '')}")
+    error.path = path  # type: ignore[attr-defined]
+    raise error
+
+
+def _first_failing(checker: GateChecker, passes, snapshots) -> int:
+    """Index of the first lossy pass after which the gate fails (binary search over snapshots;
+    a later pass rarely repairs what an earlier one broke, so failure is taken as monotonic)."""
+    lossy = [i for i, p in enumerate(passes) if not p.lossless and i < len(snapshots)]
+    if not lossy:
+        return len(passes) - 1
+    lo, hi = 0, len(lossy) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if checker.check(snapshots[lossy[mid]]).passed:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lossy[lo]
