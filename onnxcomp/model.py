@@ -87,6 +87,7 @@ class Model:
         del proto.metadata_props[:]
         for key, value in self.metadata.items():
             proto.metadata_props.add(key=key, value=value)
+        _drop_shadowing_initializers(proto.graph, set())
         if self.ir_version < 4:
             _list_initializers_as_inputs(proto.graph)
         return proto
@@ -134,6 +135,21 @@ def constant_nbytes(const: gs.Constant) -> int:
     """Size of a constant's values without loading lazy (possibly external) data."""
     values = const._values if hasattr(const, "_values") else const.values
     return int(getattr(values, "nbytes", 0))
+
+
+def _drop_shadowing_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """graphsurgeon exports an outer-scope Constant read by a subgraph as an initializer of the
+    subgraph too, under the same name; a name defined twice breaks ORT (e.g. when it inlines an If
+    with a constant condition). Keep the outer one: subgraphs see outer-scope initializers."""
+    keep = [t for t in graph.initializer if t.name not in outer]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    visible = outer | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _drop_shadowing_initializers(sub, visible)
 
 
 def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
