@@ -81,7 +81,7 @@ def optimize(
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum output cosine vs the input model."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: max task-metric drop in points (needs labels)."),
     budget: int = typer.Option(6, "--budget", help="Gate: how many back-offs to try before giving up."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON to this file."),
+    report: list[Path] = typer.Option([], "--report", help="Write the report: .html (a page with plots) or .json; repeatable."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input file (only once complete)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare the result with the input on ORT."),
@@ -107,14 +107,22 @@ def optimize(
                               tolerance=_tolerance(atol, rtol, min_cosine), check=check, progress=progress,
                               gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget))
         if result.report.validation and result.report.validation["passed"] is False:
-            if report is not None:
-                result.report.write(report)
+            for path in report:
+                if path.suffix != ".html":
+                    result.report.write(path)
             raise GateFailed("the result is outside tolerance, nothing was written: "
                              + result.report.validation["summary"])
         status.update("saving…")
         save(result.model, output, force=force, source=model)
-    if report is not None:
-        result.report.write(report)
+    for path in report:
+        if path.suffix == ".html":
+            from onnxcomp.html_report import write_html
+            from onnxcomp.model import load
+
+            with err.status("writing the HTML report (timing both models)…"):
+                write_html(path, result.report, load(model), result.model, providers.split(","))
+        else:
+            result.report.write(path)
     if as_json:
         print(result.report.to_json())
     else:
