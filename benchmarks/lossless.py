@@ -221,20 +221,25 @@ def _geomean(values: list[float]) -> float | None:
 
 
 def summarize(rows: list[dict[str, Any]], tools: list[str]) -> dict[str, Any]:
+    """Per tool: successes, and totals/geomeans over the models where EVERY tool succeeded
+    (so one tool's failure does not flatter its totals)."""
+    common = [r for r in rows if all(r["tools"].get(t, {}).get("status") == "ok" for t in tools)]
     summary = {}
     for tool in tools:
         recs = [r["tools"][tool] for r in rows if tool in r["tools"]]
-        ok = [r for r in recs if r["status"] == "ok"]
+        ok = [r["tools"][tool] for r in common]
         summary[tool] = {
-            "ok": len(ok), "failed": len(recs) - len(ok),
+            "ok": sum(1 for r in recs if r["status"] == "ok"), "failed": sum(1 for r in recs if r["status"] != "ok"),
+            "failed_on": [r["model"] for r in rows if r["tools"].get(tool, {}).get("status", "ok") != "ok"],
+            "common_models": len(common),
+            "nodes_before_total": sum(r["nodes_before"] for r in common),
             "nodes_after_total": sum(r["nodes"] for r in ok),
             "geomean_time_vs_onnxsim": _geomean([r.get("time_vs_onnxsim") for r in ok]),
             "total_seconds": sum(r["seconds"] for r in ok),
             "geomean_latency_ratio": _geomean([r.get("latency_ratio") for r in ok]),
             "worst_max_abs_diff": max((r["max_abs_diff"] for r in ok), default=None),
-            "fewest_nodes_on": sum(1 for row in rows if tool in row["tools"] and row["tools"][tool]["status"] == "ok"
-                                   and row["tools"][tool]["nodes"] == min(t["nodes"] for t in row["tools"].values()
-                                                                          if t["status"] == "ok")),
+            "fewest_nodes_on": sum(1 for row in common
+                                   if row["tools"][tool]["nodes"] == min(row["tools"][t]["nodes"] for t in tools)),
         }
     return summary
 
@@ -254,19 +259,22 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], tools: list[st
                           f"{rec['bytes']:,}" if "bytes" in rec else "-", left, rec.get("error", "")])
     head = ["model", "nodes", "tool", "status", "seconds", "time vs onnxsim", "max abs diff", "latency vs original",
             "bytes", "left (BN/CoS/Identity)", "error"]
-    totals = [[tool, f"{s['ok']}/{s['ok'] + s['failed']}", s["nodes_after_total"], s["fewest_nodes_on"],
+    totals = [[tool, f"{s['ok']}/{s['ok'] + s['failed']}" + (f" (failed: {', '.join(s['failed_on'])})" if s["failed_on"] else ""),
+               f"{s['nodes_before_total']:,} -> {s['nodes_after_total']:,}", s["fewest_nodes_on"],
                _fmt(s["total_seconds"], "s"), _fmt(s["geomean_time_vs_onnxsim"], "x"),
                _fmt(s["geomean_latency_ratio"], "x"), _fmt(s["worst_max_abs_diff"], "diff")]
               for tool, s in summary.items()]
     total_before = sum(r["nodes_before"] for r in rows)
+    common = next(iter(summary.values()), {}).get("common_models", 0)
     return "\n\n".join([
         "# Lossless graph optimisation: onnxcomp vs onnxsim vs onnxslim",
         f"onnxcomp runs `{SPEC}`; onnxsim `simplify(model)` (check_n=0); onnxslim `slim(model)`. "
         "seconds = best of up to 3 runs on the in-memory model; max abs diff = ORT CPU outputs vs the "
         "original on evaluation inputs; latency = ORT CPU EP, 1 thread, median of interleaved rounds, "
         "as a ratio to the original model (ORT applies its own optimisations at load in both).",
-        f"## Summary ({len(rows)} models, {total_before:,} nodes before)",
-        md_table(["tool", "ok", "nodes after (total)", "fewest nodes on (models)", "total seconds",
+        f"## Summary ({len(rows)} models, {total_before:,} nodes before; totals over the {common} models "
+        "where every tool succeeded)",
+        md_table(["tool", "ok", "nodes (total)", "fewest nodes on (models, ties count)", "total seconds",
                   "time vs onnxsim (geomean)", "latency vs original (geomean)", "worst max abs diff"], totals),
         "## Per model",
         md_table(head, table),
