@@ -1,0 +1,273 @@
+"""One coded stream per tensor: whole-tensor methods (raw, zstd) or byte planes, each plane
+coded with the best of: constant, raw, zstd, rANS with its own table, rANS with the model's
+shared tables (one table id per row), Huffman.
+
+Stream:  u8 form (0 whole, 1 planes)
+  whole:  u8 method, blob
+  planes: u8 axis, varint rows, u8 sparse, [varint nnz, plane record of the bitmap],
+          one plane record per byte of the element
+  plane record: u8 method, blob payload
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxcomp.coding import models, planes as P
+from onnxcomp.coding.io import CorruptStream, Reader, Writer
+from onnxcomp.coding.tables import UNCODABLE, row_costs
+
+RAW, CONST, ZSTD, RANS, SHARED, HUFF, XZ = range(7)
+NAMES = {RAW: "raw", CONST: "const", ZSTD: "zstd", RANS: "rans", SHARED: "rans*", HUFF: "huffman", XZ: "xz"}
+CODERS = ("auto", "huffman", "rans", "zstd", "raw")
+PLANE_METHODS = {
+    "auto": (CONST, RAW, ZSTD, RANS, SHARED),
+    "rans": (CONST, RAW, RANS, SHARED),
+    "huffman": (CONST, RAW, HUFF),
+}
+ZSTD_BIG = 2 << 20  # above this many bytes zstd uses a faster level (19 is ~5 MB/s)
+XZ_DICT = 1 << 20  # the dictionary (not the data) caps what xz allocates
+XZ_MAX = 1 << 16    # xz is slow to encode and decodes at ~25 MB/s: tried on small tensors only
+
+
+def xz_compress(data: bytes) -> bytes:
+    import lzma
+
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[
+        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": XZ_DICT}])
+
+
+def xz_decompress(data: bytes | memoryview, n: int, where: str) -> bytes:
+    import lzma
+
+    try:
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": XZ_DICT}])
+        out = d.decompress(bytes(data), max_length=n)
+    except lzma.LZMAError as exc:
+        raise CorruptStream(f"{where}: xz data cannot be decoded ({exc})") from exc
+    if len(out) != n or not d.eof:
+        raise CorruptStream(f"{where}: xz data does not decode to {n} bytes")
+    return out
+
+
+def zstd_compress(data: bytes) -> bytes:
+    import zstandard
+
+    level = 19 if len(data) <= ZSTD_BIG else 12
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+
+
+def zstd_decompress(data: bytes | memoryview, n: int, where: str) -> bytes:
+    import zstandard
+
+    data = bytes(data)
+    try:
+        size = zstandard.frame_content_size(data)
+        if size != n:
+            raise CorruptStream(f"{where}: zstd frame holds {size} bytes, expected {n}")
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=n)
+    except zstandard.ZstdError as exc:
+        raise CorruptStream(f"{where}: zstd data cannot be decoded ({exc})") from exc
+    if len(out) != n:
+        raise CorruptStream(f"{where}: zstd data decodes to {len(out)} bytes, expected {n}")
+    return out
+
+
+# ---- one plane ---------------------------------------------------------------------------
+def _row_perm(lengths: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Symbol gather index putting rows in stable order of their table id."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    rows = np.argsort(ids, kind="stable")
+    lens = lengths[rows]
+    offsets = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    return np.repeat(starts[rows] - offsets, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+
+
+def _encode_ids(ids: np.ndarray) -> bytes:
+    data = ids.astype(np.uint8).tobytes()
+    if len(set(data)) <= 1:
+        return bytes([CONST]) + (data[:1] or b"\0")
+    z = zstd_compress(data)
+    return bytes([ZSTD]) + z if len(z) < len(data) else bytes([RAW]) + data
+
+
+def _decode_ids(r: Reader, count: int, where: str) -> np.ndarray:
+    method = r.u8()
+    if method == CONST:
+        return np.full(count, r.u8(), np.int64)
+    rest = bytes(r.raw(r.left()))
+    if method == ZSTD:
+        rest = zstd_decompress(rest, count, where)
+    elif method != RAW or len(rest) != count:
+        raise CorruptStream(f"{where}: bad table id block")
+    return np.frombuffer(rest, np.uint8).astype(np.int64)
+
+
+def encode_plane(plane: np.ndarray, lengths: np.ndarray, methods, shared: np.ndarray | None,
+                 hists: np.ndarray | None = None) -> tuple[int, bytes]:
+    n = plane.size
+    if n == 0:
+        return RAW, b""
+    hist = np.bincount(plane, minlength=256)
+    if CONST in methods and np.count_nonzero(hist) == 1:
+        return CONST, bytes([int(plane[0])])
+    best = (RAW, plane.tobytes())
+    own = models.quantize_counts(hist)
+
+    def offer(method, payload):
+        nonlocal best
+        if len(payload) < len(best[1]):
+            best = (method, payload)
+
+    if RANS in methods and models.entropy_bits(hist) / 8 < n:
+        w = Writer()
+        models.write_table(w, own)
+        offer(RANS, w.getvalue() + models.rans_encode([(plane, own)]))
+    if SHARED in methods and shared is not None and len(shared) and len(lengths) > 1:
+        if hists is None:
+            hists = P.row_hists(plane, lengths)
+        costs = row_costs(hists, shared)
+        ids = np.argmin(costs, axis=1)
+        used = np.unique(ids)
+        if costs[np.arange(len(ids)), ids].max() < UNCODABLE:
+            perm = _row_perm(lengths, ids)
+            sorted_syms = plane[perm]
+            counts = np.bincount(np.repeat(ids, lengths), minlength=len(shared))
+            groups, pos = [], 0
+            for t in used:
+                groups.append((sorted_syms[pos:pos + counts[t]], shared[t]))
+                pos += counts[t]
+            w = Writer()
+            w.blob(_encode_ids(ids))
+            offer(SHARED, w.getvalue() + models.rans_encode(groups))
+    if HUFF in methods:
+        w = Writer()
+        models.write_table(w, own)
+        offer(HUFF, w.getvalue() + models.huffman_encode(plane, own))
+    if ZSTD in methods:
+        offer(ZSTD, zstd_compress(plane.tobytes()))
+    if XZ in methods and n <= XZ_MAX:
+        offer(XZ, xz_compress(plane.tobytes()))
+    return best
+
+
+def decode_plane(method: int, payload: memoryview, n: int, lengths: np.ndarray, shared: np.ndarray,
+                 where: str) -> np.ndarray:
+    if method == RAW:
+        if len(payload) != n:
+            raise CorruptStream(f"{where}: raw plane has {len(payload)} bytes, expected {n}")
+        return np.frombuffer(bytes(payload), np.uint8)
+    if method == CONST:
+        if len(payload) != 1:
+            raise CorruptStream(f"{where}: bad constant plane")
+        return np.full(n, payload[0], np.uint8)
+    if method == ZSTD:
+        return np.frombuffer(zstd_decompress(payload, n, where), np.uint8)
+    if method == XZ:
+        return np.frombuffer(xz_decompress(payload, n, where), np.uint8)
+    r = Reader(payload, where)
+    if method in (RANS, HUFF):
+        table = models.read_table(r)
+        rest = r.raw(r.left())
+        if method == HUFF:
+            return models.huffman_decode(rest, n, table, where)
+        return models.rans_decode(rest, [(n, table)], where)[0]
+    if method == SHARED:
+        ids = _decode_ids(Reader(r.blob(), where), len(lengths), where)
+        if len(ids) != len(lengths) or (len(ids) and ids.max() >= len(shared)):
+            raise CorruptStream(f"{where}: table ids do not match the shared tables")
+        counts = np.bincount(np.repeat(ids, lengths), minlength=len(shared))
+        used = np.unique(ids)
+        parts = models.rans_decode(r.raw(r.left()), [(int(counts[t]), shared[t]) for t in used], where)
+        out = np.empty(n, np.uint8)
+        out[_row_perm(lengths, ids)] = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        return out
+    raise CorruptStream(f"{where}: unknown plane method {method}")
+
+
+# ---- one tensor --------------------------------------------------------------------------
+def describe(form: int, methods: list[int], sparse: bool = False) -> str:
+    if form == 0:
+        return NAMES[methods[0]]
+    return ("sparse" if sparse else "planes") + "[" + ",".join(NAMES[m] for m in methods) + "]"
+
+
+def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...], coder: str,
+           shared: np.ndarray | None = None) -> tuple[bytes, str]:
+    """Code one tensor (values: 1-D unsigned view of the element bytes). Returns (stream, choice)."""
+    raw = values.tobytes()
+    candidates: list[tuple[bytes, str]] = []
+    if coder in ("raw", "auto") or not raw:
+        candidates.append((bytes([0, RAW]) + raw, "raw"))
+    if coder in ("zstd", "auto") and raw:
+        candidates.append((bytes([0, ZSTD]) + zstd_compress(raw), "zstd"))
+    if coder == "auto" and raw and len(raw) <= XZ_MAX:
+        candidates.append((bytes([0, XZ]) + xz_compress(raw), "xz"))
+    if coder in PLANE_METHODS and raw:
+        methods = PLANE_METHODS[coder]
+        for v in P.variants(values, kind, itemsize, shape):
+            w = Writer()
+            w.u8(1)
+            w.u8(v.axis)
+            w.varint(v.rows)
+            w.u8(int(v.sparse))
+            chosen = []
+            if v.sparse:
+                w.varint(v.nnz)
+                m, payload = encode_plane(v.mask, np.array([v.mask.size]), methods, None)
+                w.u8(m)
+                w.blob(payload)
+            for plane in v.planes:
+                m, payload = encode_plane(plane, v.lengths, methods, shared)
+                chosen.append(m)
+                w.u8(m)
+                w.blob(payload)
+            candidates.append((w.getvalue(), describe(1, chosen, v.sparse)))
+    return min(candidates, key=lambda c: len(c[0]))
+
+
+def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared: np.ndarray,
+           where: str) -> bytes:
+    """Decode one tensor's stream to its n * itemsize element bytes."""
+    r = Reader(stream, where)
+    form = r.u8()
+    nbytes = n * itemsize
+    if form == 0:
+        method = r.u8()
+        payload = r.raw(r.left())
+        if method == RAW:
+            if len(payload) != nbytes:
+                raise r.fail(f"raw tensor has {len(payload)} bytes, expected {nbytes}")
+            return bytes(payload)
+        if method == ZSTD:
+            return zstd_decompress(payload, nbytes, where)
+        if method == XZ:
+            return xz_decompress(payload, nbytes, where)
+        raise r.fail(f"unknown tensor method {method}")
+    if form != 1:
+        raise r.fail(f"unknown stream form {form}")
+    axis, rows, sparse = r.u8(), r.varint(max(n, 1)), r.u8()
+    if axis > 1 or sparse > 1 or rows < 1 or n % rows:
+        raise r.fail("bad plane layout")
+    count = n
+    nzmask = None
+    if sparse:
+        if kind != "f":
+            raise r.fail("sparse layout on a non-float tensor")
+        count = r.varint(n)
+        nbits = (n + 7) // 8
+        mask = decode_plane(r.u8(), r.blob(), nbits, np.array([nbits]), shared, where)
+        nzmask, lengths = P.sparse_row_lengths(mask, n, rows)
+        if int(nzmask.sum()) != count:
+            raise r.fail("the non-zero bitmap does not match the non-zero count")
+    else:
+        lengths = P.grouped(np.full(rows, n // rows), P.group_factor(rows, n))
+    planes = [decode_plane(r.u8(), r.blob(), count, lengths, shared, where) for _ in range(itemsize)]
+    r.done()
+    vals = P.from_planes(planes, kind, itemsize)
+    if nzmask is not None:
+        full = np.zeros(n, dtype=vals.dtype)
+        full[nzmask] = vals
+        vals = full
+    out = P.unorder(vals, axis, rows)
+    return np.ascontiguousarray(out).astype(out.dtype.newbyteorder("<"), copy=False).tobytes()

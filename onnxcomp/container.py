@@ -1,0 +1,448 @@
+"""The packed model file (.onnxc): the model protobuf without its tensor payloads, plus one
+entropy-coded stream per tensor, each with its checksum.
+
+Layout (little-endian):
+    magic  b"ONNXC\\x00\\r\\n"        8 bytes (the CR LF catches text-mode mangling)
+    u16 version, u16 flags, u32 header length, u32 header crc32
+    header: u8 skeleton method (0 raw, 1 zstd, 2 xz), u64 skeleton bytes, u64 skeleton decoded bytes,
+            u32 skeleton crc32, u64 tables bytes, u32 tables crc32, u64 total decoded bytes,
+            u32 stream count, then per stream: u32 tensor index, u8 field, u8 storage dtype,
+            u64 coded bytes, u64 decoded bytes, u32 coded crc32, u32 decoded crc32
+    skeleton, shared tables, streams (back to back, in header order)
+
+Tensors are every TensorProto of the model, walked in a fixed order: initializers, sparse
+initializers (values, indices), node attributes (Constant values, sparse tensors), recursively
+through subgraphs, then functions. A tensor keeps its representation: raw_data stays raw_data
+and a typed field (float_data, int32_data...) is refilled with the same values, so the unpacked
+model is bit-identical. The reader checks every length against the file, the decoded sizes
+against the tensors' declared shapes and a cap, and every checksum; any mismatch is one
+InputError line.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+
+from onnxcomp import coding
+from onnxcomp.coding import tables as shared_tables
+from onnxcomp.coding.io import CorruptStream, Reader, Writer
+from onnxcomp.errors import InputError, OutputError
+
+MAGIC = b"ONNXC\x00\r\n"
+VERSION = 1
+MIN_PACKED_BYTES = 64            # smaller payloads stay in the protobuf
+MAX_DECODED = int(os.environ.get("ONNXCOMP_MAX_DECODED", 64 << 30))  # refuse files declaring more
+T = onnx.TensorProto
+FIELDS = {1: ("raw_data", None), 2: ("float_data", np.float32), 3: ("int32_data", np.int32),
+          4: ("int64_data", np.int64), 5: ("double_data", np.float64), 6: ("uint64_data", np.uint64)}
+STORAGE = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.int32, 5: np.int64,
+           6: np.float32, 7: np.float64, 8: np.uint64, 9: np.uint32}
+STORAGE_CODE = {np.dtype(v): k for k, v in STORAGE.items()}
+UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+# ---- walking every tensor ----------------------------------------------------------------
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for g in attr.graphs:
+            yield from _graph_tensors(g)
+
+
+def all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _graph_tensors(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _element_count(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+
+
+def _natural_dtype(data_type: int) -> np.dtype | None:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _raw_nbytes(tensor: onnx.TensorProto) -> int | None:
+    from onnxcomp.model import _declared_nbytes
+
+    if tensor.data_type in (T.FLOAT4E2M1,):
+        return (_element_count(tensor) + 1) // 2
+    return _declared_nbytes(tensor)
+
+
+def _payload(tensor: onnx.TensorProto) -> tuple[int, np.ndarray] | None:
+    """(field id, values in their storage dtype) of a tensor worth packing, else None."""
+    if tensor.data_type in (T.STRING, T.UNDEFINED) or (tensor.HasField("data_location")
+                                                       and tensor.data_location == T.EXTERNAL):
+        return None
+    if tensor.HasField("segment"):
+        return None
+    if tensor.raw_data:
+        if len(tensor.raw_data) < MIN_PACKED_BYTES or _raw_nbytes(tensor) != len(tensor.raw_data):
+            return None
+        natural = _natural_dtype(tensor.data_type)
+        storage = natural if natural is not None and natural.itemsize in UNSIGNED and \
+            len(tensor.raw_data) == _element_count(tensor) * natural.itemsize and natural.kind != "V" else np.uint8
+        storage = np.dtype(storage).newbyteorder("<")
+        if np.dtype(storage).newbyteorder("=") not in STORAGE_CODE:
+            storage = np.dtype("<u2") if storage.itemsize == 2 else np.dtype(np.uint8)
+        return 1, np.frombuffer(tensor.raw_data, dtype=storage)
+    for fid, (name, dtype) in FIELDS.items():
+        if fid == 1:
+            continue
+        field = getattr(tensor, name)
+        if len(field) * np.dtype(dtype).itemsize < MIN_PACKED_BYTES:
+            continue
+        values = np.array(field, dtype=dtype)
+        if fid == 3:  # int32_data carries narrower types; keep the narrowest exact storage
+            for narrow in (np.int8, np.uint8, np.int16, np.uint16):
+                if values.size and values.min() >= np.iinfo(narrow).min and values.max() <= np.iinfo(narrow).max:
+                    values = values.astype(narrow)
+                    break
+        return fid, values
+    return None
+
+
+# ---- packing -----------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    index: int
+    field: int
+    storage: int
+    stream: bytes
+    decoded: int
+    decoded_crc: int
+    choice: str
+    name: str
+
+
+def pack_proto(proto: onnx.ModelProto, coder: str = "auto") -> tuple[bytes, dict[str, Any]]:
+    """Pack a ModelProto into .onnxc bytes; returns (bytes, stats)."""
+    if coder not in coding.CODERS:
+        raise InputError(f"unknown coder {coder!r} (choose one of: {', '.join(coding.CODERS)})")
+    t0 = time.perf_counter()
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(proto)
+    found = []
+    for index, tensor in enumerate(all_tensors(skeleton)):
+        payload = _payload(tensor)
+        if payload is None:
+            continue
+        fid, values = payload
+        kind, itemsize = coding.layout(tensor.data_type, values.dtype)
+        unsigned = np.ascontiguousarray(values).view(UNSIGNED[values.dtype.itemsize])
+        shape = tuple(int(d) for d in tensor.dims) if fid == 1 and values.size == _element_count(tensor) \
+            else (values.size,)
+        found.append((index, fid, values, kind, itemsize, unsigned, shape, tensor))
+    shared = coding.fit_shared([(u, k, i, s) for _, _, _, k, i, u, s, _ in found], coder)
+    entries = []
+    for index, fid, values, kind, itemsize, unsigned, shape, tensor in found:
+        stream, choice = coding.encode_tensor(unsigned, kind, itemsize, shape, coder, shared)
+        raw = unsigned.tobytes()
+        entries.append(_Entry(index, fid, STORAGE_CODE[np.dtype(values.dtype).newbyteorder("=")], stream,
+                              len(raw), zlib.crc32(raw), choice, tensor.name))
+        tensor.ClearField(FIELDS[fid][0])
+    encode_s = time.perf_counter() - t0
+    skel_raw = skeleton.SerializeToString()
+    options = [(0, skel_raw), (1, coding.tensor.zstd_compress(skel_raw)),
+               (2, lzma.compress(skel_raw, preset=9 | lzma.PRESET_EXTREME))]
+    skel_method, skel = min(options, key=lambda o: len(o[1]))
+    tables_raw = shared_tables.write(shared)
+    tables_xz = coding.tensor.xz_compress(tables_raw)
+    tables_blob = b"\1" + tables_xz if len(tables_xz) < len(tables_raw) else b"\0" + tables_raw
+    total = sum(e.decoded for e in entries)
+    h = Writer()
+    h.u8(skel_method)
+    h.u64(len(skel))
+    h.u64(len(skel_raw))
+    h.u32(zlib.crc32(skel))
+    h.u64(len(tables_blob))
+    h.u32(zlib.crc32(tables_blob))
+    h.u64(total)
+    h.u32(len(entries))
+    last = -1
+    for e in entries:
+        h.varint(e.index - last - 1)
+        last = e.index
+        h.u8(e.field * 16 + e.storage)
+        h.varint(len(e.stream))
+        h.varint(e.decoded)
+        h.u32(zlib.crc32(e.stream))
+        h.u32(e.decoded_crc)
+    header = h.getvalue()
+    data = b"".join([MAGIC, struct.pack("<HHII", VERSION, 0, len(header), zlib.crc32(header)), header,
+                     skel, tables_blob, *(e.stream for e in entries)])
+    choices: dict[str, int] = {}
+    for e in entries:
+        choices[e.choice] = choices.get(e.choice, 0) + 1
+    stats = {
+        "coder": coder,
+        "packed_bytes": len(data),
+        "plain_bytes": proto.ByteSize(),
+        "tensor_bytes": total,
+        "coded_tensor_bytes": sum(len(e.stream) for e in entries),
+        "skeleton_bytes": len(skel),
+        "tables_bytes": len(tables_blob),
+        "tensors": len(entries),
+        "encode_seconds": encode_s,
+        "choices": choices,
+        "per_tensor": {e.name or f"#{e.index}": {"bytes": e.decoded, "coded": len(e.stream), "choice": e.choice}
+                       for e in entries},
+    }
+    return data, stats
+
+
+# ---- unpacking ---------------------------------------------------------------------------
+def unpack_bytes(data: bytes | memoryview, where: str = "packed model",
+                 max_decoded: int = MAX_DECODED) -> onnx.ModelProto:
+    """Validate and decode .onnxc bytes into a ModelProto; every problem is one InputError."""
+    data = memoryview(data)
+    if len(data) < len(MAGIC) + 12 or bytes(data[:len(MAGIC)]) != MAGIC:
+        raise InputError(f"{where}: not a packed onnxcomp model (bad magic)")
+    version, _flags, header_len, header_crc = struct.unpack("<HHII", data[len(MAGIC):len(MAGIC) + 12])
+    if version != VERSION:
+        raise InputError(f"{where}: packed format version {version} is not supported (this onnxcomp reads {VERSION})")
+    start = len(MAGIC) + 12
+    if header_len > len(data) - start:
+        raise InputError(f"{where}: truncated (header of {header_len} bytes, {len(data) - start} left)")
+    header = data[start:start + header_len]
+    if zlib.crc32(header) != header_crc:
+        raise InputError(f"{where}: header checksum mismatch (the file is corrupt)")
+    try:
+        return _unpack(data, Reader(header, f"{where}: header"), start + header_len, where, max_decoded)
+    except CorruptStream as exc:
+        raise InputError(str(exc)) from None
+
+
+def _section(data: memoryview, pos: int, length: int, crc: int, what: str, where: str) -> memoryview:
+    if length > len(data) - pos:
+        raise InputError(f"{where}: truncated ({what} needs {length} bytes at offset {pos}, file has {len(data)})")
+    part = data[pos:pos + length]
+    if zlib.crc32(part) != crc:
+        raise InputError(f"{where}: {what} checksum mismatch (the file is corrupt)")
+    return part
+
+
+def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int) -> onnx.ModelProto:
+    from onnxcomp.model import parse_model_bytes
+
+    skel_method, skel_len, skel_raw_len, skel_crc = h.u8(), h.u64(), h.u64(), h.u32()
+    tables_len, tables_crc, total, count = h.u64(), h.u32(), h.u64(), h.u32()
+    if total > max_decoded:
+        raise InputError(f"{where}: declares {total} decoded bytes, over the limit of {max_decoded}")
+    if count * 11 > h.left():
+        raise InputError(f"{where}: header lists {count} streams but holds {h.left()} bytes of entries")
+    entries, last = [], -1
+    for _ in range(count):
+        last = last + 1 + h.varint(1 << 32)
+        packed = h.u8()
+        entries.append((last, packed >> 4, packed & 15, h.varint(len(data)), h.varint(max_decoded), h.u32(), h.u32()))
+    h.done()
+    skel = _section(data, pos, skel_len, skel_crc, "model skeleton", where)
+    pos += skel_len
+    if skel_raw_len > max(len(data), 1) * 4096 or skel_raw_len > (2 << 30):
+        raise InputError(f"{where}: model skeleton declares an implausible size {skel_raw_len}")
+    skel_bytes = _decompress_skeleton(skel_method, skel, skel_raw_len, where)
+    tables_blob = _section(data, pos, tables_len, tables_crc, "shared tables", where)
+    pos += tables_len
+    if not len(tables_blob) or tables_blob[0] > 1:
+        raise InputError(f"{where}: bad shared tables section")
+    tables_raw = tables_blob[1:] if tables_blob[0] == 0 else \
+        coding.tensor.xz_decompress(tables_blob[1:], _xz_size(tables_blob[1:], where), f"{where}: shared tables")
+    shared = shared_tables.read(tables_raw)
+    proto = parse_model_bytes(skel_bytes, where)
+    tensors = list(all_tensors(proto))
+    if sum(e[4] for e in entries) != total:
+        raise InputError(f"{where}: stream sizes do not add up to the declared total")
+    for index, field, storage, coded_len, decoded_len, coded_crc, decoded_crc in entries:
+        name = f"{where}: tensor #{index}"
+        if index >= len(tensors) or field not in FIELDS or storage not in STORAGE:
+            raise InputError(f"{name}: bad stream entry (index, field or storage type)")
+        tensor = tensors[index]
+        dtype = np.dtype(STORAGE[storage])
+        expected = _expected_bytes(tensor, field, dtype)
+        if decoded_len != expected:
+            raise InputError(f"{name} ({tensor.name}): stream decodes to {decoded_len} bytes but its shape "
+                             f"declares {expected}")
+        stream = _section(data, pos, coded_len, coded_crc, f"stream of tensor {tensor.name!r}", where)
+        pos += coded_len
+        kind, itemsize = coding.layout(tensor.data_type, dtype)
+        raw = coding.decode_tensor(stream, kind, itemsize, decoded_len // itemsize, shared, f"{name} ({tensor.name})")
+        if zlib.crc32(raw) != decoded_crc:
+            raise InputError(f"{name} ({tensor.name}): decoded data checksum mismatch")
+        _fill(tensor, field, np.frombuffer(raw, dtype=dtype.newbyteorder("<")))
+    if pos != len(data):
+        raise InputError(f"{where}: {len(data) - pos} unexpected bytes after the last stream")
+    return proto
+
+
+def _xz_size(blob: memoryview, where: str, cap: int = 1 << 20) -> int:
+    """Decoded size of a small raw-xz block (shared tables), refusing more than `cap` bytes."""
+    import lzma
+
+    try:
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW,
+                                  filters=[{"id": lzma.FILTER_LZMA2, "dict_size": coding.tensor.XZ_DICT}])
+        out = d.decompress(bytes(blob), max_length=cap)
+    except lzma.LZMAError as exc:
+        raise InputError(f"{where}: shared tables cannot be decoded ({exc})") from None
+    if not d.eof:
+        raise InputError(f"{where}: shared tables are larger than {cap} bytes")
+    return len(out)
+
+
+def _decompress_skeleton(method: int, skel: memoryview, n: int, where: str) -> bytes:
+    if method == 0:
+        out = bytes(skel)
+    elif method == 1:
+        out = coding.tensor.zstd_decompress(skel, n, f"{where}: model skeleton")
+    elif method == 2:
+        try:
+            d = lzma.LZMADecompressor()
+            out = d.decompress(bytes(skel), max_length=n + 1)
+        except lzma.LZMAError as exc:
+            raise InputError(f"{where}: model skeleton cannot be decoded ({exc})") from None
+    else:
+        raise InputError(f"{where}: unknown skeleton method {method}")
+    if len(out) != n:
+        raise InputError(f"{where}: model skeleton decodes to {len(out)} bytes, expected {n}")
+    return out
+
+
+def _expected_bytes(tensor: onnx.TensorProto, field: int, dtype: np.dtype) -> int:
+    if field == 1:
+        return _raw_nbytes(tensor) or 0
+    count = _element_count(tensor)
+    if tensor.data_type in (T.COMPLEX64, T.COMPLEX128):
+        count *= 2
+    if tensor.data_type in (T.INT4, T.UINT4, T.FLOAT4E2M1):
+        count = (count + 1) // 2
+    return count * dtype.itemsize
+
+
+def _fill(tensor: onnx.TensorProto, field: int, values: np.ndarray) -> None:
+    name, dtype = FIELDS[field]
+    if field == 1:
+        tensor.raw_data = values.tobytes()
+    else:
+        getattr(tensor, name).extend(values.astype(dtype).tolist())
+
+
+# ---- public API --------------------------------------------------------------------------
+def read_packed_proto(path: str | os.PathLike | bytes) -> onnx.ModelProto:
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return unpack_bytes(path)
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    return unpack_bytes(path.read_bytes(), str(path))
+
+
+def load_packed(path: str | os.PathLike) -> "Model":  # noqa: F821
+    """Read an .onnxc file into an editable Model."""
+    from onnxcomp.model import Model
+
+    return Model.from_proto(read_packed_proto(path), Path(path))
+
+
+def save_packed(model, path: str | os.PathLike, coder: str | None = None) -> Path:
+    """Write a Model (or ModelProto) as .onnxc atomically, with the coder the entropy pass chose
+    (model.packing) or `coder` (default auto)."""
+    from onnxcomp.files import atomic_write_bytes
+
+    packing = getattr(model, "packing", None) or {}
+    coder = coder or packing.get("coder", "auto")
+    proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
+    cached = packing.get("_cache")
+    serialized = proto.SerializeToString(deterministic=True)
+    if cached and cached[0] == (coder, zlib.crc32(serialized), len(serialized)):
+        data = cached[1]
+    else:
+        data, _ = pack_proto(proto, coder)
+    return atomic_write_bytes(Path(path), data)
+
+
+def pack(in_path: str | os.PathLike, out_path: str | os.PathLike, coder: str = "auto") -> dict[str, Any]:
+    """Pack an .onnx file (external data included) into .onnxc; returns the stats."""
+    from onnxcomp.files import atomic_write_bytes
+    from onnxcomp.model import load_proto
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    if out_path.exists() and out_path.resolve() == in_path.resolve():
+        raise OutputError(f"{out_path}: refusing to overwrite the input model")
+    data, stats = pack_proto(load_proto(in_path), coder)
+    atomic_write_bytes(out_path, data)
+    stats["input_bytes"] = in_path.stat().st_size
+    return stats
+
+
+def unpack(in_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write an .onnxc file back as a plain .onnx (weights bit-identical)."""
+    from onnxcomp.model import save
+
+    return save(read_packed_proto(in_path), out_path, source=in_path)
+
+
+def session(path_or_bytes, providers=("cpu",), sess_options=None):
+    """An onnxruntime.InferenceSession for a packed model, built from memory (nothing unpacked
+    is written to disk). Models over 2 GB pass their initializers to ORT as in-memory values."""
+    import onnxruntime as ort
+
+    from onnxcomp.model import PROTOBUF_LIMIT, _initializer_bytes
+    from onnxcomp.runtime import provider_name
+
+    proto = read_packed_proto(path_or_bytes if not isinstance(path_or_bytes, str) or
+                              not path_or_bytes.startswith(MAGIC.decode("latin1")) else path_or_bytes)
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p.strip()]
+    names = [provider_name(p) for p in providers]
+    options = sess_options or ort.SessionOptions()
+    keep = []
+    if _initializer_bytes(proto) > PROTOBUF_LIMIT:
+        inits = list(proto.graph.initializer)
+        del proto.graph.initializer[:]
+        values = [ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(t)) for t in inits]
+        options.add_external_initializers([t.name for t in inits], values)
+        keep = values
+    try:
+        sess = ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=names)
+    except Exception as exc:
+        from onnxcomp.runtime import CannotRun
+
+        raise CannotRun(f"onnxruntime cannot load the packed model: {str(exc).strip().splitlines()[0][:300]}") from exc
+    sess._onnxcomp_keep = keep
+    return sess
