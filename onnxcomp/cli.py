@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         code = command.main(args=argv, prog_name="onnxcomp", standalone_mode=False)
     except _EXIT as exc:
         code = exc.exit_code
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into Exit(130)
+            _error("interrupted; no output was written")
     except _USAGE as exc:
         _error(exc.format_message())
         code = 2

@@ -1,7 +1,7 @@
 """Pass name -> class. Pass modules register themselves with `@register`.
 
-Every module under `onnxcomp.passes` (the top-level `passes/` folder) is imported the first
-time a pass is looked up, so a new file there is enough for a pass to appear in the CLI and
+Every module under `onnxcomp.passes` (the top-level `passes/` folder), and every module in the
+folders listed in $ONNXCOMP_PASS_PATH, is imported the first time a pass is looked up, so a new file there is enough for a pass to appear in the CLI and
 the spec grammar; nothing heavy is imported before that, so the CLI starts fast.
 """
 
@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import os
 import pkgutil
+import sys
+from pathlib import Path
 
 from onnxcomp.base import Pass
 from onnxcomp.errors import SpecError
@@ -42,7 +46,26 @@ def _load_all() -> None:
     for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if not module.name.startswith("_"):
             importlib.import_module(f"onnxcomp.passes.{module.name}")
+    _load_user_folders()
     _loaded = True
+
+
+def _load_user_folders() -> None:
+    """Pass modules from the folders in $ONNXCOMP_PASS_PATH (a user's own passes)."""
+    for folder in filter(None, os.environ.get("ONNXCOMP_PASS_PATH", "").split(os.pathsep)):
+        for path in sorted(Path(folder).glob("*.py")):
+            if path.name.startswith("_"):
+                continue
+            name = f"onnxcomp_user_passes.{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                continue
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:  # a broken user module is the user's one-line problem
+                raise SpecError(f"{path}: cannot load this pass module ({type(exc).__name__}: {exc})") from exc
 
 
 def get(name: str) -> type[Pass]:
