@@ -1,0 +1,196 @@
+"""Small graph helpers shared by passes: consumers, constants, tensor replacement, type facts.
+
+Everything here works on onnx-graphsurgeon graphs and looks into subgraphs (If/Loop/Scan
+bodies), which may refer to outer-scope tensors by object: replacing a tensor's uses must
+reach them too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def is_standard(node: gs.Node) -> bool:
+    """True for ops of the default ONNX domain (custom-domain ops are never rewritten)."""
+    return (node.domain or "") in STANDARD_DOMAINS
+
+
+def has_subgraph(node: gs.Node) -> bool:
+    return any(isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], gs.Graph))
+               for v in node.attrs.values())
+
+
+def subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, gs.Graph))
+
+
+def iter_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
+    """Every node of the graph and of its subgraphs, outer first."""
+    for node in graph.nodes:
+        yield node
+        for sub in subgraphs(node):
+            yield from iter_nodes(sub)
+
+
+def consumers_map(graph: gs.Graph) -> dict[int, list[gs.Node]]:
+    """id(tensor) -> nodes (subgraph nodes included) that read it. Built once, used many times."""
+    out: dict[int, list[gs.Node]] = defaultdict(list)
+    for node in iter_nodes(graph):
+        for tensor in node.inputs:
+            out[id(tensor)].append(node)
+    return out
+
+
+def consumers_of(graph: gs.Graph, tensor: gs.Tensor) -> list[gs.Node]:
+    return [n for n in iter_nodes(graph) if any(t is tensor for t in n.inputs)]
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.inputs)
+
+
+def is_constant(tensor: gs.Tensor, graph: gs.Graph | None = None) -> bool:
+    """A Constant (initializer) that users cannot override through a graph input."""
+    if not isinstance(tensor, gs.Constant):
+        return False
+    return graph is None or not is_graph_input(graph, tensor)
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def replace_tensor_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> int:
+    """Make every node (subgraphs included) read `new` instead of `old`; returns the count."""
+    count = 0
+    for node in iter_nodes(graph):
+        for i, tensor in enumerate(node.inputs):
+            if tensor is old:
+                node.inputs[i] = new
+                count += 1
+    return count
+
+
+def remove_node_keep_output_names(graph: gs.Graph, node: gs.Node, keep_input: int = 0) -> bool:
+    """Bypass a one-output node whose output equals its input `keep_input`.
+
+    Graph output names never change: when the output is a graph output, the input tensor takes
+    the output's name, which is only safe when that input is an inner tensor of this graph
+    (produced by a node, not a graph input, constant or other graph output). Otherwise the node
+    is kept and False is returned.
+    """
+    source, result = node.inputs[keep_input], node.outputs[0]
+    if is_graph_output(graph, result):
+        if (isinstance(source, gs.Constant) or is_graph_input(graph, source) or is_graph_output(graph, source)
+                or not source.inputs or sum(t is result for t in graph.outputs) != 1):
+            return False
+        if source.dtype is None and result.dtype is not None:
+            source.dtype = result.dtype
+        if result.shape is not None:
+            source.shape = result.shape
+        name = result.name
+        result.name = unique_name(graph, name + "_removed")
+        source.name = name
+        graph.outputs = [source if t is result else t for t in graph.outputs]
+    replace_tensor_uses(graph, result, source)
+    node.inputs.clear()
+    node.outputs.clear()
+    return True
+
+
+_counter = itertools.count()
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    taken = set(graph.tensors().keys())
+    if base not in taken:
+        return base
+    while True:
+        name = f"{base}_{next(_counter)}"
+        if name not in taken:
+            return name
+
+
+# ---- type facts from onnx shape inference ----------------------------------------------------
+def infer_types(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
+    """Main-graph tensor name -> (onnx elem_type, shape) from onnx shape inference.
+
+    Shapes are tuples whose entries are ints (static) or None (unknown); the shape is None when
+    even the rank is unknown. Declared output shapes and intermediate value_info are dropped
+    before inference so a wrong declaration in the file cannot be trusted as a fact.
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
+    del work.graph.value_info[:]
+    for out in work.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    inferred = None
+    for data_prop in (True, False):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False, data_prop=data_prop)
+            break
+        except Exception:  # inference may reject odd models; then we know only what is declared
+            continue
+    facts: dict[str, tuple[int, tuple | None]] = {}
+    source = inferred.graph if inferred is not None else work.graph
+    for vi in itertools.chain(source.input, source.value_info, source.output):
+        facts[vi.name] = _fact(vi.type)
+    for init in proto.graph.initializer:
+        facts[init.name] = (init.data_type, tuple(int(d) for d in init.dims))
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def _fact(tp: onnx.TypeProto):
+    if not tp.HasField("tensor_type"):
+        return None
+    tt = tp.tensor_type
+    if not tt.HasField("shape"):
+        return (tt.elem_type, None)
+    dims = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
+    return (tt.elem_type, dims)
+
+
+def static_shape(facts: dict, tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The fully static shape of a tensor, or None."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(int(d) for d in tensor.shape)
+    fact = facts.get(tensor.name)
+    if fact is None or fact[1] is None or any(d is None or d < 0 for d in fact[1]):
+        return None
+    return fact[1]
+
+
+def elem_type(facts: dict, tensor: gs.Tensor) -> int | None:
+    if isinstance(tensor, gs.Constant):
+        try:
+            return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(tensor.values).dtype)
+        except Exception:
+            return None
+    fact = facts.get(tensor.name)
+    return fact[0] if fact and fact[0] else None
+
+
+def rank(facts: dict, tensor: gs.Tensor) -> int | None:
+    if isinstance(tensor, gs.Constant):
+        return len(tensor.shape)
+    fact = facts.get(tensor.name)
+    return None if fact is None or fact[1] is None else len(fact[1])

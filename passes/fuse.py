@@ -1,0 +1,202 @@
+"""fuse: merge neighbouring ops whose composition is one op. Lossless up to float rounding.
+
+Rewrites
+    BatchNormalization(Conv(x, W, b))          -> Conv(x, W*s, (b-mean)*s+beta)        s = scale/sqrt(var+eps)
+    BatchNormalization(ConvTranspose(x, W, b)) -> ConvTranspose(x, W*s, (b-mean)*s+beta)  (per output channel)
+    BatchNormalization(Gemm(a, B, C))          -> Gemm(a, alpha*B*s, (beta*C-mean)*s+beta_bn)
+    Add(MatMul(a, B), c)                       -> Gemm(a, B, c)        a 2-D, B and c constant, c not widening
+    Transpose(Transpose(x, p1), p2)            -> Transpose(x, p1[p2])  (or x when that is the identity)
+    Reshape(Reshape(x, s1), s2)                -> Reshape(x, s2)        s2 constant without 0 entries
+
+BatchNormalization is folded only in inference mode, when the conv's output feeds nothing else and
+all weights are constants; new weights are new initializers (shared ones are never edited).
+Ops of custom domains are left untouched.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp import graph_utils as gu
+from onnxcomp.base import Pass, PassResult, param
+from onnxcomp.registry import register
+
+
+@register
+class Fuse(Pass):
+    """Fold BatchNormalization into Conv/Gemm, MatMul+Add into Gemm, merge Transposes and Reshapes."""
+
+    name = "fuse"
+    lossless = True
+    exact = False
+
+    @dataclass(frozen=True)
+    class Config:
+        batchnorm: bool = param(True, "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm")
+        gemm: bool = param(True, "turn MatMul + Add with constant weights and bias into Gemm")
+        transposes: bool = param(True, "merge consecutive Transposes (and drop identity ones)")
+        reshapes: bool = param(True, "merge consecutive Reshapes")
+
+    def run(self, model, ctx) -> PassResult:
+        graph = model.graph
+        stats: Counter = Counter()
+        facts = None
+        consumers = gu.consumers_map(graph)
+        for node in list(graph.nodes):
+            if not gu.is_standard(node) or not node.outputs:
+                continue
+            done = None
+            if node.op == "BatchNormalization" and self.config.batchnorm:
+                done = _fold_batchnorm(graph, node, consumers) and "batchnorm_folded"
+            elif node.op == "Add" and self.config.gemm and graph.opset >= 7:
+                if facts is None and any(_producer(t, "MatMul") for t in node.inputs):
+                    facts = gu.infer_types(model.to_proto())
+                done = facts is not None and _matmul_add_to_gemm(graph, node, consumers, facts) and "gemm_fused"
+            elif node.op == "Transpose" and self.config.transposes:
+                done = _merge_transposes(graph, node) or None
+            elif node.op == "Reshape" and self.config.reshapes and graph.opset >= 5:
+                done = _merge_reshapes(graph, node) and "reshapes_merged"
+            if done:
+                stats[done] += 1
+                consumers = gu.consumers_map(graph)
+        if stats:
+            graph.cleanup(remove_unused_graph_inputs=False)
+        return PassResult(changed=bool(stats), stats=dict(stats))
+
+
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
+        return None
+    node = tensor.inputs[0]
+    return node if node.op == op and gu.is_standard(node) else None
+
+
+def _only_feeds(graph, tensor, node, consumers) -> bool:
+    users = consumers.get(id(tensor), [])
+    return len(users) == 1 and users[0] is node and not gu.is_graph_output(graph, tensor)
+
+
+def _const(graph, tensor) -> np.ndarray | None:
+    return np.asarray(tensor.values) if gu.is_constant(tensor, graph) else None
+
+
+def _new_const(graph, base: str, value: np.ndarray) -> gs.Constant:
+    return gs.Constant(gu.unique_name(graph, base), np.ascontiguousarray(value))
+
+
+def _fold_batchnorm(graph, bn: gs.Node, consumers) -> bool:
+    if bn.attrs.get("training_mode", 0) or not bn.attrs.get("spatial", 1) or len(bn.inputs) != 5:
+        return False
+    if graph.opset < 7 and not bn.attrs.get("is_test", 0):
+        return False
+    if any(t.name and (consumers.get(id(t)) or gu.is_graph_output(graph, t)) for t in bn.outputs[1:]):
+        return False
+    y = bn.inputs[0]
+    conv = next((p for p in (_producer(y, op) for op in ("Conv", "ConvTranspose", "Gemm")) if p), None)
+    if conv is None or len(conv.outputs) != 1 or not _only_feeds(graph, y, bn, consumers):
+        return False
+    params = [_const(graph, t) for t in bn.inputs[1:]]
+    weight = _const(graph, conv.inputs[1]) if len(conv.inputs) > 1 else None
+    has_bias = len(conv.inputs) > 2 and conv.inputs[2].name != ""
+    bias = _const(graph, conv.inputs[2]) if has_bias else None
+    if any(p is None for p in params) or weight is None or (has_bias and bias is None):
+        return False
+    if weight.dtype.kind != "f" or any(p.ndim != 1 for p in params):
+        return False
+    scale, beta, mean, var = (p.astype(np.float64) for p in params)
+    s = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    w = weight.astype(np.float64)
+    channels = s.shape[0]
+    if conv.op == "Conv":
+        if weight.shape[0] != channels:
+            return False
+        w = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+        b = bias.astype(np.float64) if has_bias else np.zeros(channels)
+    elif conv.op == "ConvTranspose":
+        group = int(conv.attrs.get("group", 1))
+        if weight.shape[1] * group != channels or weight.shape[0] % group:
+            return False
+        shaped = w.reshape((group, weight.shape[0] // group, weight.shape[1]) + weight.shape[2:])
+        w = (shaped * s.reshape((group, 1, -1) + (1,) * (weight.ndim - 2))).reshape(weight.shape)
+        b = bias.astype(np.float64) if has_bias else np.zeros(channels)
+    else:  # Gemm: Y = alpha * A' B' + beta * C, channels on the last axis
+        trans_b = int(conv.attrs.get("transB", 0))
+        if weight.ndim != 2 or weight.shape[0 if trans_b else 1] != channels:
+            return False
+        w = w * float(conv.attrs.get("alpha", 1.0)) * (s[:, None] if trans_b else s[None, :])
+        c = bias.astype(np.float64) * float(conv.attrs.get("beta", 1.0)) if has_bias else np.zeros(channels)
+        if c.size not in (1, channels) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+            return False
+        b = np.broadcast_to(c.reshape(-1), (channels,))
+        conv.attrs["alpha"], conv.attrs["beta"] = 1.0, 1.0
+        if graph.opset < 7:
+            conv.attrs["broadcast"] = 1
+    new_b = (b - mean) * s + beta
+    conv.inputs[1] = _new_const(graph, conv.inputs[1].name + "_bn", w.astype(weight.dtype))
+    bias_const = _new_const(graph, (conv.name or conv.op) + "_bn_bias", new_b.astype(weight.dtype))
+    if has_bias:
+        conv.inputs[2] = bias_const
+    else:
+        conv.inputs.append(bias_const)
+    out = bn.outputs[0]
+    bn.inputs.clear()
+    bn.outputs.clear()
+    conv.outputs[0] = out
+    return True
+
+
+def _matmul_add_to_gemm(graph, add: gs.Node, consumers, facts) -> bool:
+    for index in (0, 1):
+        y, c_tensor = add.inputs[index], add.inputs[1 - index]
+        mm = _producer(y, "MatMul")
+        c = _const(graph, c_tensor)
+        if mm is None or c is None or not _only_feeds(graph, y, add, consumers):
+            continue
+        a, b = mm.inputs[0], _const(graph, mm.inputs[1])
+        if b is None or b.ndim != 2 or b.dtype.kind != "f" or gu.rank(facts, a) != 2 or c.dtype != b.dtype:
+            continue
+        a_shape = (facts.get(a.name) or (None, (None, None)))[1]
+        out_shape = (a_shape[0], b.shape[1])
+        if c.ndim > 2 or not _broadcast_keeps(c.shape, out_shape):
+            continue
+        out = add.outputs[0]
+        add.inputs.clear()
+        add.outputs.clear()
+        mm.op = "Gemm"
+        mm.attrs = {"alpha": 1.0, "beta": 1.0} | ({"broadcast": 1} if graph.opset < 7 else {})
+        mm.inputs.append(c_tensor)
+        mm.outputs[0] = out
+        return True
+    return False
+
+
+def _broadcast_keeps(c_shape: tuple, out_shape: tuple) -> bool:
+    """True when broadcasting c to out_shape never widens the result beyond out_shape."""
+    padded = (1,) * (len(out_shape) - len(c_shape)) + tuple(c_shape)
+    return all(cd == 1 or (od is not None and cd == od) for cd, od in zip(padded, out_shape))
+
+
+def _merge_transposes(graph, t2: gs.Node) -> str | None:
+    t1 = _producer(t2.inputs[0], "Transpose")
+    p1, p2 = (t1.attrs.get("perm") if t1 else None), t2.attrs.get("perm")
+    if t1 is None or p1 is None or p2 is None or len(p1) != len(p2):
+        return None
+    perm = [int(p1[j]) for j in p2]
+    t2.inputs[0] = t1.inputs[0]
+    t2.attrs["perm"] = perm
+    if perm == list(range(len(perm))) and gu.remove_node_keep_output_names(graph, t2):
+        return "transposes_removed"
+    return "transposes_merged"
+
+
+def _merge_reshapes(graph, r2: gs.Node) -> bool:
+    r1 = _producer(r2.inputs[0], "Reshape")
+    target = _const(graph, r2.inputs[1]) if len(r2.inputs) > 1 else None
+    if r1 is None or target is None or np.any(target == 0):
+        return False  # 0 copies a dimension of the intermediate shape
+    r2.inputs[0] = r1.inputs[0]
+    return True
