@@ -287,10 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="onnxcomp", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C (and our SIGTERM) into a returned 130
+            _error("interrupted; no output was written")
     except _EXIT as exc:
         code = exc.exit_code
-        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into Exit(130)
-            _error("interrupted; no output was written")
     except _USAGE as exc:
         _error(exc.format_message())
         code = 2
