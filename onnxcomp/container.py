@@ -270,7 +270,7 @@ def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int)
     for _ in range(count):
         last = last + 1 + h.varint(1 << 32)
         packed = h.u8()
-        entries.append((last, packed >> 4, packed & 15, h.varint(len(data)), h.varint(max_decoded), h.u32(), h.u32()))
+        entries.append((last, packed >> 4, packed & 15, h.varint(), h.varint(max_decoded), h.u32(), h.u32()))
     h.done()
     skel = _section(data, pos, skel_len, skel_crc, "model skeleton", where)
     pos += skel_len
@@ -425,8 +425,7 @@ def session(path_or_bytes, providers=("cpu",), sess_options=None):
     from onnxcomp.model import PROTOBUF_LIMIT, _initializer_bytes
     from onnxcomp.runtime import provider_name
 
-    proto = read_packed_proto(path_or_bytes if not isinstance(path_or_bytes, str) or
-                              not path_or_bytes.startswith(MAGIC.decode("latin1")) else path_or_bytes)
+    proto = read_packed_proto(path_or_bytes)
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p.strip()]
     names = [provider_name(p) for p in providers]

@@ -46,6 +46,7 @@ class Model:
     model_version: int = 0
     doc_string: str = ""
     source_path: Path | None = None
+    packing: dict | None = None  # set by the entropy pass: save(..., "x.onnxc") packs with this coder
 
     # ---- conversions -------------------------------------------------------------------
     @classmethod
@@ -94,7 +95,9 @@ class Model:
 
     def copy(self) -> Model:
         """A deep copy (weights included), used to roll a failed pass back."""
-        return Model.from_proto(self.to_proto(), self.source_path)
+        copied = Model.from_proto(self.to_proto(), self.source_path)
+        copied.packing = dict(self.packing) if self.packing else None
+        return copied
 
     # ---- facts --------------------------------------------------------------------------
     @property

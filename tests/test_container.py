@@ -1,0 +1,193 @@
+"""The packed .onnxc container: bit-exact round trips, in-memory sessions, hostile input."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import onnxcomp
+from onnxcomp import container
+from onnxcomp.errors import InputError
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+LIGHT_MODELS = sorted(LIGHT.glob("light_*.onnx"))
+
+
+def tensor_hashes(proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    """Name and hash of every tensor (initializers, subgraphs, Constant attributes) as serialized."""
+    return [(t.name, hashlib.sha256(t.SerializeToString()).hexdigest()) for t in container.all_tensors(proto)]
+
+
+def roundtrip(proto: onnx.ModelProto, tmp_path: Path, coder: str = "auto") -> onnx.ModelProto:
+    data, _ = container.pack_proto(proto, coder)
+    path = tmp_path / "m.onnxc"
+    path.write_bytes(data)
+    return container.read_packed_proto(path)
+
+
+def test_mnist_round_trip_is_bit_exact(mnist_path, tmp_path):
+    original = onnx.load(mnist_path)
+    back = roundtrip(original, tmp_path)
+    assert tensor_hashes(back) == tensor_hashes(original)
+    assert back.SerializeToString() == original.SerializeToString()
+
+
+def test_ultraface_pack_unpack_is_bit_exact_and_smaller(ultraface_path, tmp_path):
+    stats = container.pack(ultraface_path, tmp_path / "u.onnxc")
+    container.unpack(tmp_path / "u.onnxc", tmp_path / "u.onnx")
+    original, back = onnx.load(ultraface_path), onnx.load(tmp_path / "u.onnx")
+    assert tensor_hashes(back) == tensor_hashes(original)
+    assert stats["packed_bytes"] == (tmp_path / "u.onnxc").stat().st_size < 0.85 * ultraface_path.stat().st_size
+
+
+@pytest.mark.parametrize("path", LIGHT_MODELS, ids=lambda p: p.stem)
+def test_light_model_round_trip_keeps_every_tensor_hash(path, tmp_path):
+    original = onnx.load(path)
+    assert tensor_hashes(roundtrip(original, tmp_path)) == tensor_hashes(original)
+
+
+@pytest.mark.parametrize("coder", ["auto", "rans", "huffman", "zstd", "raw"])
+def test_every_coder_round_trips_mnist(mnist_path, tmp_path, coder):
+    original = onnx.load(mnist_path)
+    assert tensor_hashes(roundtrip(original, tmp_path, coder)) == tensor_hashes(original)
+
+
+def test_session_from_packed_file_gives_identical_outputs(ultraface_path, tmp_path):
+    from onnxcomp.runtime import make_session
+    from onnxcomp.validate import generate_inputs
+
+    container.pack(ultraface_path, tmp_path / "u.onnxc")
+    packed = onnxcomp.container.session(tmp_path / "u.onnxc", providers=("cpu",))
+    plain = make_session(ultraface_path, "cpu", threads=None)
+    feed = generate_inputs(onnxcomp.load(ultraface_path), 1, seed=0)[0]
+    for a, b in zip(packed.run(None, feed), plain.run(None, feed)):
+        assert np.array_equal(a, b)
+    assert list(tmp_path.iterdir()) == [tmp_path / "u.onnxc"]  # nothing unpacked to disk
+
+
+def test_session_accepts_packed_bytes(mnist_path):
+    data, _ = container.pack_proto(onnx.load(mnist_path))
+    sess = container.session(data)
+    assert sess.get_inputs()[0].name == onnx.load(mnist_path).graph.input[0].name
+
+
+def test_onnxcomp_load_and_save_use_the_packed_format(mnist_path, tmp_path):
+    model = onnxcomp.load(mnist_path)
+    onnxcomp.save(model, tmp_path / "m.onnxc")
+    assert (tmp_path / "m.onnxc").read_bytes().startswith(container.MAGIC)
+    back = onnxcomp.load(tmp_path / "m.onnxc")
+    ref = {n: c.values.tobytes() for n, c in model.initializers().items()}
+    assert {n: c.values.tobytes() for n, c in back.initializers().items()} == ref
+
+
+def _every_dtype_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = []
+    for i, dt in enumerate([np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16, np.int32, np.int64,
+                            np.uint64, np.bool_]):
+        arr = (rng.standard_normal((8, 24)) * 20).astype(dt)
+        inits.append(onnx.numpy_helper.from_array(arr, f"raw_{np.dtype(dt).name}"))
+    bf = helper.make_tensor("bf16", TensorProto.BFLOAT16, [64], rng.standard_normal(64).astype(np.float32))
+    i4 = helper.make_tensor("int4", TensorProto.INT4, [200], rng.integers(-8, 8, 200))
+    f8 = helper.make_tensor("f8", TensorProto.FLOAT8E4M3FN, [100], rng.standard_normal(100).astype(np.float32))
+    typed_f = helper.make_tensor("typed_float", TensorProto.FLOAT, [100], rng.standard_normal(100).tolist())
+    typed_h = helper.make_tensor("typed_f16", TensorProto.FLOAT16, [100], rng.standard_normal(100).astype(np.float16))
+    typed_i = helper.make_tensor("typed_int64", TensorProto.INT64, [50], rng.integers(-10**12, 10**12, 50).tolist())
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -3.4e38] * 10, np.float32)
+    inits += [bf, i4, f8, typed_f, typed_h, typed_i, onnx.numpy_helper.from_array(special, "special")]
+    pruned = rng.standard_normal((16, 64)).astype(np.float32)
+    pruned[rng.random(pruned.shape) < 0.8] = 0
+    inits.append(onnx.numpy_helper.from_array(pruned, "pruned"))
+    sparse = helper.make_sparse_tensor(
+        onnx.numpy_helper.from_array(rng.standard_normal(40).astype(np.float32), "sp"),
+        onnx.numpy_helper.from_array(np.arange(0, 400, 10, dtype=np.int64), "sp_idx"), [400])
+    const = helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(
+        rng.standard_normal(50).astype(np.float32), "const_value"))
+    sub_init = onnx.numpy_helper.from_array(rng.standard_normal(30).astype(np.float32), "sub_w")
+    then_g = helper.make_graph([helper.make_node("Identity", ["sub_w"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [30])], [sub_init])
+    else_g = helper.make_graph([helper.make_node("Constant", [], ["e"], value=onnx.numpy_helper.from_array(
+        np.ones(30, np.float32), "ones"))], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [30])])
+    nodes = [const, helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [30])], inits,
+                              sparse_initializer=[sparse])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("coder", ["auto", "rans", "zstd"])
+def test_every_dtype_field_subgraph_and_sparse_tensor_round_trips_exactly(tmp_path, coder):
+    original = _every_dtype_model()
+    data, stats = container.pack_proto(original, coder)
+    assert stats["tensors"] >= 20
+    back = container.unpack_bytes(data)
+    assert back.SerializeToString() == original.SerializeToString()
+
+
+def test_pruned_float_tensor_is_coded_sparse():
+    _, stats = container.pack_proto(_every_dtype_model(), "auto")
+    assert stats["per_tensor"]["pruned"]["choice"].startswith("sparse")
+    assert stats["per_tensor"]["pruned"]["coded"] < 0.5 * stats["per_tensor"]["pruned"]["bytes"]
+
+
+def test_unknown_coder_is_refused(mnist_path, tmp_path):
+    with pytest.raises(InputError, match="unknown coder"):
+        container.pack(mnist_path, tmp_path / "m.onnxc", coder="lz77")
+
+
+# ---- hostile input ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def packed_mnist() -> bytes:
+    from tests.conftest import REAL
+
+    path = REAL / "mnist.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return container.pack_proto(onnx.load(path))[0]
+
+
+def _error(data: bytes) -> str:
+    with pytest.raises(InputError) as info:
+        container.unpack_bytes(data)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_reader_refuses_a_file_without_the_magic(packed_mnist):
+    assert "bad magic" in _error(b"XXXXXXXX" + packed_mnist[8:])
+
+
+def test_reader_refuses_an_unknown_version(packed_mnist):
+    data = packed_mnist[:8] + struct.pack("<H", 99) + packed_mnist[10:]
+    assert "version 99" in _error(data)
+
+
+def test_reader_refuses_a_truncated_file(packed_mnist):
+    assert "truncated" in _error(packed_mnist[: len(packed_mnist) // 2])
+
+
+def test_reader_refuses_a_corrupted_stream_by_checksum(packed_mnist):
+    data = bytearray(packed_mnist)
+    data[-10] ^= 0x40
+    assert "checksum" in _error(bytes(data))
+
+
+def test_reader_refuses_trailing_bytes(packed_mnist):
+    assert "unexpected bytes" in _error(packed_mnist + b"\0" * 5)
+
+
+def test_reader_caps_the_decoded_size(packed_mnist):
+    with pytest.raises(InputError, match="over the limit"):
+        container.unpack_bytes(packed_mnist, max_decoded=1000)
+
+
+def test_loading_a_missing_packed_file_is_one_line_error(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        onnxcomp.load(tmp_path / "absent.onnxc")
