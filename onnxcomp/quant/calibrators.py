@@ -1,8 +1,8 @@
 """Streaming activation-range calibrators: minmax, percentile, entropy (KL) and mse.
 
 Each calibrator sees one batch at a time (`update(name, array)`) and never keeps the
-activations: minmax keeps two numbers per tensor, the others a fixed-size histogram whose range
-doubles (merging neighbouring bins exactly) whenever a batch exceeds it. Batches may have any
+activations: minmax keeps two numbers per tensor, the others a fixed log-spaced histogram
+(about 2 % relative resolution from 1e-12 to 1e12, each sign apart). Batches may have any
 shape, so sequence models whose inputs differ in length calibrate as easily as images
 (ONNX Runtime's histogram calibrators stack the batches and fail there).
 
@@ -15,7 +15,6 @@ import numpy as np
 
 from onnxcomp.errors import PassError
 
-BINS = 2048  # histogram bins over [-R, R]; even, so range doubling merges bins exactly
 
 
 class MinMax:
@@ -50,47 +49,55 @@ def _finite(x: np.ndarray) -> np.ndarray:
 
 
 class Histogram:
-    """A symmetric, self-widening histogram of one tensor's values plus its exact min and max."""
+    """A log-spaced histogram of one tensor's values (each sign apart) plus its exact min and max.
 
-    def __init__(self, bins: int = BINS):
-        self.bins = bins
-        self.counts = np.zeros(bins, np.int64)
-        self.radius = 0.0
+    Bins are 1/32 octave wide (about 2 % relative width) over magnitudes 2**-40 .. 2**40, so the
+    bulk of a distribution keeps its resolution even when a rare outlier is 1000x larger (which
+    a linear histogram sized by the outlier would squash into a handful of bins). Fixed bins:
+    batches of any shape and range merge by addition.
+    """
+
+    PER_OCTAVE = 32
+    LOW, HIGH = -40, 40
+
+    def __init__(self):
+        self.bins = (self.HIGH - self.LOW) * self.PER_OCTAVE
+        self.pos = np.zeros(self.bins, np.int64)
+        self.neg = np.zeros(self.bins, np.int64)
+        self.zero = 0
         self.lo = np.inf
         self.hi = -np.inf
-
-    @property
-    def width(self) -> float:
-        return 2 * self.radius / self.bins
 
     def update(self, x: np.ndarray) -> None:
         x = _finite(x)
         if x.size == 0:
             return
-        lo, hi = float(x.min()), float(x.max())
-        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-        absmax = max(abs(lo), abs(hi))
-        if self.radius == 0.0:
-            self.radius = absmax if absmax > 0 else 1e-8
-        elif absmax > self.radius:
-            k = int(np.ceil(np.log2(absmax / self.radius)))
-            self._widen(k)
-        idx = ((x + self.radius) / self.width).astype(np.int64)
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        mag = np.abs(x)
+        tiny = mag < 2.0**self.LOW
+        self.zero += int(tiny.sum())
+        with np.errstate(divide="ignore"):
+            idx = ((np.log2(np.maximum(mag, 2.0**self.LOW)) - self.LOW) * self.PER_OCTAVE).astype(np.int64)
         np.clip(idx, 0, self.bins - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        positive = (x > 0) & ~tiny
+        negative = (x < 0) & ~tiny
+        self.pos += np.bincount(idx[positive], minlength=self.bins)
+        self.neg += np.bincount(idx[negative], minlength=self.bins)
 
-    def _widen(self, k: int) -> None:
-        """Multiply the radius by 2**k, merging each 2**k old bins into one (exact)."""
-        factor = 2**k
-        old = np.arange(self.bins)
-        new_index = (old + (factor - 1) * self.bins // 2) // factor
-        counts = np.zeros(self.bins, np.int64)
-        np.add.at(counts, np.clip(new_index, 0, self.bins - 1), self.counts)
-        self.counts = counts
-        self.radius *= factor
+    def magnitudes(self) -> np.ndarray:
+        """Bin centre magnitudes."""
+        return 2.0 ** ((np.arange(self.bins) + 0.5) / self.PER_OCTAVE + self.LOW)
 
-    def centers(self) -> np.ndarray:
-        return -self.radius + (np.arange(self.bins) + 0.5) * self.width
+    def signed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values, counts) of every non-empty bin, ascending; centres clipped to [lo, hi]."""
+        mags = self.magnitudes()
+        values = np.concatenate([-mags[::-1], [0.0], mags])
+        counts = np.concatenate([self.neg[::-1], [self.zero], self.pos]).astype(np.float64)
+        keep = counts > 0
+        return np.clip(values[keep], self.lo, self.hi), counts[keep]
+
+    def total(self) -> int:
+        return int(self.pos.sum() + self.neg.sum() + self.zero)
 
 
 class _HistogramCalibrator:
@@ -106,7 +113,7 @@ class _HistogramCalibrator:
     def ranges(self) -> dict[str, tuple[float, float]]:
         out = {}
         for name, h in self.hists.items():
-            if h.counts.sum() == 0:
+            if h.total() == 0:
                 continue
             lo, hi = self.choose(h)
             out[name] = (max(float(lo), h.lo), min(float(hi), h.hi))
@@ -122,56 +129,55 @@ class Percentile(_HistogramCalibrator):
     name = "percentile"
 
     def choose(self, h: Histogram) -> tuple[float, float]:
-        p = float(self.options.get("percentile", 99.99))
-        cdf = np.cumsum(h.counts) / h.counts.sum()
-        edges = -h.radius + np.arange(1, h.bins + 1) * h.width  # right edge of each bin
-        hi = edges[min(int(np.searchsorted(cdf, p / 100.0)), h.bins - 1)]
-        lo = edges[max(int(np.searchsorted(cdf, 1 - p / 100.0)) - 1, 0)]
+        p = float(self.options.get("percentile", 99.99)) / 100.0
+        values, counts = h.signed()
+        cdf = np.cumsum(counts) / counts.sum()
+        hi = values[min(int(np.searchsorted(cdf, p)), len(values) - 1)]
+        lo = values[min(int(np.searchsorted(cdf, 1 - p)), len(values) - 1)]
         return lo, hi
 
 
 class Entropy(_HistogramCalibrator):
-    """TensorRT's KL-divergence threshold on the |x| histogram (128 quantized levels)."""
+    """TensorRT's KL-divergence threshold on |x|: for each candidate threshold T, the 2048-bin
+    histogram of |x| on [0, T] (outliers in the last bin) against its 128-level quantization."""
 
     name = "entropy"
 
     def choose(self, h: Histogram) -> tuple[float, float]:
-        half = h.bins // 2
-        mags = h.counts[half:].astype(np.float64).copy()
-        mags += h.counts[:half][::-1]
-        threshold = kl_threshold(mags, h.width, levels=int(self.options.get("levels", 128)))
-        return -threshold, threshold
+        mags = h.magnitudes()
+        counts = (h.pos + h.neg).astype(np.float64)
+        absmax = max(abs(h.lo), abs(h.hi))
+        if counts.sum() == 0 or absmax == 0:
+            return h.lo, h.hi
+        best, best_t = np.inf, absmax
+        for t in absmax * 2.0 ** -np.linspace(0, 12, 49):
+            pos = (mags / t * 2048).astype(np.int64)
+            inside = pos < 2048
+            fine = np.bincount(pos[inside], weights=counts[inside], minlength=2048)
+            fine[0] += h.zero
+            clipped = fine.copy()
+            clipped[-1] += counts[~inside].sum()  # P: outliers folded into the last bin
+            kl = kl_divergence(clipped, fine, levels=int(self.options.get("levels", 128)))
+            if kl < best:
+                best, best_t = kl, t
+        return -best_t, best_t
 
 
-def kl_threshold(hist: np.ndarray, width: float, levels: int = 128, stride: int = 8) -> float:
-    """The clipping magnitude that minimises KL(P || Q) between the clipped histogram and its
-    `levels`-level quantization (TensorRT calibration, 2017), searched every `stride` bins."""
-    nbins = len(hist)
-    total = hist.sum()
-    if total == 0:
-        return width * nbins
-    last = int(np.nonzero(hist)[0].max()) + 1
-    if last <= levels:
-        return last * width
-    best, best_i = np.inf, last
-    for i in range(levels, last + 1, stride):
-        p = hist[:i].copy()
-        p[i - 1] += hist[i:].sum()
-        src = hist[:i]
-        # merge i bins into `levels` groups, spread each group's mass over its non-empty bins
-        groups = np.minimum((np.arange(i) * levels) // i, levels - 1)
-        mass = np.bincount(groups, weights=src, minlength=levels)
-        nonzero = np.bincount(groups, weights=(src > 0).astype(np.float64), minlength=levels)
-        q = np.where(src > 0, mass[groups] / np.maximum(nonzero[groups], 1), 0.0)
-        p_sum, q_sum = p.sum(), q.sum()
-        if q_sum == 0:
-            continue
-        pn, qn = p / p_sum, q / q_sum
-        mask = pn > 0
-        kl = float(np.sum(pn[mask] * np.log(pn[mask] / np.maximum(qn[mask], 1e-12))))
-        if kl < best:
-            best, best_i = kl, i
-    return best_i * width
+def kl_divergence(p: np.ndarray, hist: np.ndarray | None = None, levels: int = 128) -> float:
+    """KL(P || Q): Q is `hist` (default P) merged into `levels` groups, each group's mass spread
+    over its non-empty bins (TensorRT: P carries the clipped outliers, Q does not)."""
+    hist = p if hist is None else hist
+    n = len(hist)
+    groups = np.minimum((np.arange(n) * levels) // n, levels - 1)
+    mass = np.bincount(groups, weights=hist, minlength=levels)
+    nonzero = np.bincount(groups, weights=(hist > 0).astype(np.float64), minlength=levels)
+    q = np.where(hist > 0, mass[groups] / np.maximum(nonzero[groups], 1), 0.0)
+    p_sum, q_sum = p.sum(), q.sum()
+    if p_sum == 0 or q_sum == 0:
+        return np.inf
+    pn, qn = p / p_sum, q / q_sum
+    mask = pn > 0
+    return float(np.sum(pn[mask] * np.log(pn[mask] / np.maximum(qn[mask], 1e-12))))
 
 
 class MSE(_HistogramCalibrator):
@@ -181,23 +187,24 @@ class MSE(_HistogramCalibrator):
 
     def choose(self, h: Histogram) -> tuple[float, float]:
         levels = 255
-        centers = h.centers()
-        weights = h.counts.astype(np.float64)
-        nz = weights > 0
-        centers, weights = centers[nz], weights[nz]
+        centers, weights = h.signed()
         lo0, hi0 = min(h.lo, 0.0), max(h.hi, 0.0)
-        best, best_range = np.inf, (lo0, hi0)
-        for a in np.linspace(0.05, 1.0, 96):
-            lo, hi = lo0 * a, hi0 * a
+
+        def error(lo: float, hi: float) -> float:
             scale = (hi - lo) / levels
             if scale <= 0:
-                continue
+                return np.inf
             zp = np.round(-lo / scale)
             q = np.clip(np.round(centers / scale) + zp, 0, levels)
-            err = float(np.sum(weights * ((q - zp) * scale - centers) ** 2))
-            if err < best:
-                best, best_range = err, (lo, hi)
-        return best_range
+            return float(np.sum(weights * ((q - zp) * scale - centers) ** 2))
+
+        # each end clipped on its own (coordinate descent): a one-sided outlier must not drag the other
+        lo, hi = lo0, hi0
+        shrink = 2.0 ** -np.linspace(0, 12, 145)
+        for _ in range(2):
+            hi = min((hi0 * a for a in shrink), key=lambda c: error(lo, c)) if hi0 > 0 else 0.0
+            lo = min((lo0 * a for a in shrink), key=lambda c: error(c, hi)) if lo0 < 0 else 0.0
+        return lo, hi
 
 
 CALIBRATORS = {c.name: c for c in (MinMax, Percentile, Entropy, MSE)}
