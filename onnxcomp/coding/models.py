@@ -1,7 +1,7 @@
 """Symbol frequency tables and the two entropy coders built on constriction.
 
 A table is the integer counts of byte symbols 0..255, quantized so that their sum is at most
-2**15 (every present symbol keeps a count of at least 1). Encoder and decoder build the same
+2**12 (every present symbol keeps a count of at least 1). Encoder and decoder build the same
 constriction model from the same integers, so the coding is exact. Stored tables cover only
 the support [lo, hi] of the symbols.
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from onnxcomp.coding.io import Reader, Writer
 
-TABLE_TOTAL = 1 << 15
+TABLE_TOTAL = 1 << 12
 
 
 def quantize_counts(counts: np.ndarray, total: int = TABLE_TOTAL) -> np.ndarray:

@@ -1,0 +1,123 @@
+"""The coders under the container: exact inverses, sensible choices, clean errors on garbage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcomp import coding
+from onnxcomp.coding import models, planes, tables
+from onnxcomp.coding.io import CorruptStream, Reader, Writer
+from onnxcomp.errors import InputError
+
+UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _code(arr: np.ndarray, data_type: int, coder: str, shared=None):
+    kind, itemsize = coding.layout(data_type, arr.dtype)
+    u = np.ascontiguousarray(arr).reshape(-1).view(UNSIGNED[arr.dtype.itemsize])
+    if shared is None:
+        shared = coding.fit_shared([(u, kind, itemsize, arr.shape)], coder)
+    stream, choice = coding.encode_tensor(u, kind, itemsize, arr.shape, coder, shared)
+    back = coding.decode_tensor(stream, kind, itemsize, u.size, shared, "t")
+    return stream, choice, back, u
+
+
+@pytest.mark.parametrize("dtype,data_type", [(np.float32, 1), (np.float16, 10), (np.float64, 11)])
+def test_float_planes_invert_exactly_including_nan_inf_and_negative_zero(dtype, data_type):
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, -7.5], dtype=dtype)
+    values = np.concatenate([special, np.random.default_rng(0).standard_normal(993).astype(dtype)])
+    u = values.view(UNSIGNED[values.itemsize])
+    assert np.array_equal(planes.from_planes(planes.to_planes(u, "f", values.itemsize), "f", values.itemsize), u)
+
+
+def test_float_exponent_plane_is_the_skewed_one():
+    values = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    ps = planes.to_planes(values.view(np.uint32), "f", 4)
+    bits = [models.entropy_bits(np.bincount(p, minlength=256)) / p.size for p in ps]
+    assert bits[0] < 4 < 7.9 < bits[3]
+
+
+@pytest.mark.parametrize("coder", coding.CODERS)
+@pytest.mark.parametrize("dtype,data_type", [(np.float32, 1), (np.int8, 3), (np.int32, 6), (np.uint16, 4)])
+def test_every_coder_inverts_exactly(coder, dtype, data_type):
+    rng = np.random.default_rng(1)
+    arr = (rng.laplace(0, 9, (32, 40))).astype(dtype)
+    _, _, back, u = _code(arr, data_type, coder)
+    assert back == u.tobytes()
+
+
+def test_per_channel_int8_weights_beat_one_table_per_tensor():
+    rng = np.random.default_rng(2)
+    widths = np.geomspace(0.5, 40, 64)[:, None]  # channels of very different widths
+    arr = np.clip(np.round(rng.laplace(0, 1, (64, 2048)) * widths), -127, 127).astype(np.int8)
+    stream, choice, back, u = _code(arr, 3, "rans")
+    one_table = models.entropy_bits(np.bincount(u, minlength=256)) / 8
+    assert back == u.tobytes()
+    assert "rans*" in choice and len(stream) < 0.95 * one_table
+
+
+def test_auto_is_never_larger_than_zstd_or_raw():
+    rng = np.random.default_rng(3)
+    arr = rng.standard_normal((48, 64)).astype(np.float32)
+    sizes = {c: len(_code(arr, 1, c)[0]) for c in ("auto", "zstd", "raw")}
+    assert sizes["auto"] <= min(sizes["zstd"], sizes["raw"])
+
+
+def test_sparse_layout_is_chosen_for_pruned_floats_and_inverts():
+    rng = np.random.default_rng(4)
+    arr = rng.standard_normal((64, 128)).astype(np.float32)
+    arr[rng.random(arr.shape) < 0.75] = 0
+    stream, choice, back, u = _code(arr, 1, "auto")
+    assert back == u.tobytes() and choice.startswith("sparse")
+
+
+def test_shared_tables_fit_fewer_tables_than_rows_and_serialize():
+    rng = np.random.default_rng(5)
+    hists = np.stack([np.bincount(np.clip(rng.laplace(128, w, 500), 0, 255).astype(int), minlength=256)
+                      for w in np.repeat([2, 20], 50)])
+    fitted = tables.fit(hists)
+    assert 2 <= len(fitted) < 100
+    assert np.array_equal(tables.read(tables.write(fitted)), fitted)
+
+
+def test_rans_groups_decode_in_order():
+    a = np.arange(100, dtype=np.uint8) % 7
+    b = np.full(50, 200, np.uint8)
+    ca, cb = (models.quantize_counts(np.bincount(x, minlength=256)) for x in (a, b))
+    out = models.rans_decode(models.rans_encode([(a, ca), (b, cb)]), [(100, ca), (50, cb)], "t")
+    assert np.array_equal(out[0], a) and np.array_equal(out[1], b)
+
+
+def test_reader_refuses_reading_past_the_end():
+    w = Writer()
+    w.varint(300)
+    with pytest.raises(CorruptStream, match="truncated"):
+        Reader(w.getvalue()[:1], "t").varint()
+
+
+def test_mutated_tensor_streams_decode_or_fail_with_input_error_only():
+    """Without the container's checksums, the decoders themselves must still fail cleanly."""
+    rng = np.random.default_rng(6)
+    arr = np.clip(np.round(rng.laplace(0, 6, (32, 64))), -127, 127).astype(np.int8)
+    farr = rng.standard_normal((32, 64)).astype(np.float32)
+    farr[rng.random(farr.shape) < 0.6] = 0
+    for values, dt in ((arr, 3), (farr, 1)):
+        for coder in ("auto", "rans", "zstd"):
+            stream, _, _, u = _code(values, dt, coder)
+            kind, itemsize = coding.layout(dt, values.dtype)
+            shared = coding.fit_shared([(u, kind, itemsize, values.shape)], coder)
+            for _ in range(60):
+                buf = bytearray(stream)
+                op = rng.integers(0, 3)
+                if op == 0:
+                    buf[rng.integers(0, len(buf))] ^= 1 << int(rng.integers(0, 8))
+                elif op == 1:
+                    buf = buf[: rng.integers(0, len(buf))]
+                else:
+                    buf += bytes(rng.integers(0, 256, 8).astype(np.uint8))
+                try:
+                    out = coding.decode_tensor(bytes(buf), kind, itemsize, u.size, shared, "t")
+                    assert len(out) == u.nbytes
+                except InputError as exc:
+                    assert "\n" not in str(exc)
