@@ -273,6 +273,20 @@ def export_torch(
               f"ORT matches torch within {result.max_abs_error:.2g}")
 
 
+@export_app.command("tf")
+def export_tf_command(
+    source: Path = typer.Argument(..., help="A TensorFlow SavedModel folder (Keras: model.export(folder))."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx file."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset to export at."),
+):
+    """Export a TensorFlow SavedModel through tf2onnx and check it against TensorFlow (needs the tf extra)."""
+    from onnxcomp.tf_export import export_tf
+
+    with err.status(f"converting {source}…"):
+        result = export_tf(source, output, opset=opset)
+    out.print(f"wrote {output} (tf2onnx, opset {result.model.opset}); ORT matches TensorFlow within {result.max_abs_error:.2g}")
+
+
 def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: temp files are cleaned up
     raise KeyboardInterrupt
 
