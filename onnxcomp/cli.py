@@ -218,6 +218,7 @@ def list_passes(presets: bool = typer.Option(False, "--presets", help="List the 
     """Every pass with its parameters, defaults and help."""
     import dataclasses
 
+    from rich.markup import escape
     from rich.table import Table
 
     from onnxcomp.presets import PRESETS
@@ -238,7 +239,7 @@ def list_passes(presets: bool = typer.Option(False, "--presets", help="List the 
             meta = f.metadata
             allowed = f" [{'|'.join(map(str, meta['choices']))}]" if meta.get("choices") else ""
             lines.append(f"{f.name}={format_value(f.default)}{allowed} — {meta.get('help', '')}")
-        table.add_row(name, kind, cls.summary() + ("\n" + "\n".join(lines) if lines else ""))
+        table.add_row(name, kind, escape(cls.summary() + ("\n" + "\n".join(lines) if lines else "")))
     out.print(table)
 
 

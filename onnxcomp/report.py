@@ -51,9 +51,10 @@ class Report:
 
     def table(self):
         """A rich Table: one row per pass, then the total."""
+        from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"onnxcomp: {self.pipeline}", title_justify="left")
+        table = Table(title=escape(f"onnxcomp: {self.pipeline}"), title_justify="left")
         for col in ("pass", "status", "nodes", "initializers", "param bytes", "time", "details"):
             table.add_column(col, justify="right" if col in ("nodes", "initializers", "param bytes", "time") else "left")
         for rec in self.passes:
@@ -62,10 +63,10 @@ class Report:
                 details = (details + "; " if details else "") + rec.verification
             if rec.message:
                 details = (details + "; " if details else "") + rec.message
-            table.add_row(rec.spec, rec.status, _delta(rec.before["nodes"], rec.after["nodes"]),
+            table.add_row(escape(rec.spec), rec.status, _delta(rec.before["nodes"], rec.after["nodes"]),
                           _delta(rec.before["initializers"], rec.after["initializers"]),
                           _delta(rec.before["param_bytes"], rec.after["param_bytes"]),
-                          f"{rec.seconds:.2f}s", details)
+                          f"{rec.seconds:.2f}s", escape(details))
         if self.input and self.output:
             table.add_row("[bold]total", "", _delta(self.input["nodes"], self.output["nodes"]),
                           _delta(self.input["initializers"], self.output["initializers"]),
