@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from onnxcomp.errors import GateFailed, InputError, OnnxcompError, OutputError, SpecError
 
@@ -131,14 +132,15 @@ def optimize(
             for step in result.report.gate["path"]:
                 if "action" in step:
                     out.print(f"gate: {step['reason']} -> {step['action']}", markup=False)
-            out.print(f"gate ({result.report.gate['gate']}): [green]passed[/] with {result.report.gate['path'][-1]['pipeline']}")
+            out.print(f"gate ({escape(result.report.gate['gate'])}): [green]passed[/] with "
+                      + escape(result.report.gate["path"][-1]["pipeline"]))
         for note in result.report.notes:
-            out.print(f"note: {note}")
+            out.print(f"note: {note}", markup=False)
         if result.report.validation:
             passed = result.report.validation["passed"]
             verdict = ("[green]within tolerance" if passed else "[red]OUTSIDE tolerance") if passed is not None \
                 else "[yellow]not gated"
-            out.print(f"validation on ORT: {verdict}[/] — {result.report.validation['summary']}")
+            out.print(f"validation on ORT: {verdict}[/] — {escape(result.report.validation['summary'])}")
         out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
 
 
