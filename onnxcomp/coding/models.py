@@ -33,21 +33,25 @@ def quantize_counts(counts: np.ndarray, total: int = TABLE_TOTAL) -> np.ndarray:
 
 
 def write_table(w: Writer, counts: np.ndarray) -> None:
+    """lo, hi, width (1 or 2 bytes), then the counts of symbols lo..hi as one array."""
     nz = np.flatnonzero(counts)
     lo, hi = int(nz[0]), int(nz[-1])
+    part = np.asarray(counts[lo:hi + 1], dtype=np.int64)
+    wide = int(part.max() > 255) + 1
+    if part.max() > 65535:
+        raise ValueError("table counts must be quantized first")
     w.u8(lo)
     w.u8(hi)
-    for c in counts[lo:hi + 1].tolist():
-        w.varint(int(c))
+    w.u8(wide)
+    w.raw(part.astype("<u2" if wide == 2 else "u1").tobytes())
 
 
 def read_table(r: Reader) -> np.ndarray:
-    lo, hi = r.u8(), r.u8()
-    if hi < lo:
-        raise r.fail("symbol table range is empty")
+    lo, hi, wide = r.u8(), r.u8(), r.u8()
+    if hi < lo or wide not in (1, 2):
+        raise r.fail("bad symbol table header")
     counts = np.zeros(256, dtype=np.int64)
-    for i in range(lo, hi + 1):
-        counts[i] = r.varint(1 << 24)
+    counts[lo:hi + 1] = np.frombuffer(bytes(r.raw((hi - lo + 1) * wide)), dtype="<u2" if wide == 2 else "u1")
     if counts.sum() <= 0:
         raise r.fail("symbol table has no symbols")
     return counts
