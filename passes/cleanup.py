@@ -12,6 +12,7 @@ Rewrites (every one leaves outputs bit-identical)
         without changing shape(x)                -> x     (+0.0 is not neutral for Add: -0 + 0 = +0)
     nodes whose outputs nobody reads             -> removed
     Constants with equal dtype, shape and bytes  -> one Constant
+    two nodes with the same op, attributes and inputs (deterministic) -> one node
 
 Graph inputs are kept (users feed them); graph output names never change. Ops of custom domains
 are left untouched. Shapes and types come from onnx shape inference, run only when a candidate
@@ -47,7 +48,8 @@ class Cleanup(Pass):
     @dataclass(frozen=True)
     class Config:
         noops: bool = param(True, "remove no-op nodes (Identity, inference Dropout, Cast to the same type, ...)")
-        merge_duplicates: bool = param(True, "merge initializers with equal dtype, shape and bytes")
+        merge_duplicates: bool = param(True, "merge initializers with equal dtype, shape and bytes, and nodes "
+                                             "computing the same op on the same inputs")
 
     def run(self, model, ctx) -> PassResult:
         graph = model.graph
@@ -56,12 +58,15 @@ class Cleanup(Pass):
             self._remove_noops(model, stats)
         if self.config.merge_duplicates:
             stats["initializers_merged"] = _merge_duplicates(graph)
+            stats["duplicate_nodes_merged"] = _merge_duplicate_nodes(graph)
         before = [id(n) for n in graph.nodes]
         graph.cleanup(remove_unused_graph_inputs=False)
         stats["dead_nodes_removed"] = max(0, len(before) - len(graph.nodes) - stats["noops_removed"])
         graph.toposort()
         reordered = [id(n) for n in graph.nodes] != [i for i in before if i in {id(n) for n in graph.nodes}]
+        stats["dead_nodes_removed"] = max(0, stats["dead_nodes_removed"] - stats["duplicate_nodes_merged"])
         changed = bool(stats["noops_removed"] or stats["initializers_merged"] or stats["dead_nodes_removed"]
+                       or stats["duplicate_nodes_merged"]
                        or reordered)
         return PassResult(changed=changed, stats={k: v for k, v in stats.items() if v})
 
@@ -242,3 +247,30 @@ def _merge_duplicates(graph: gs.Graph) -> int:
             if id(tensor) in replace:
                 node.inputs[i] = replace[id(tensor)]
     return len(replace)
+
+
+def _merge_duplicate_nodes(graph: gs.Graph) -> int:
+    """Common subexpressions: a node equal to an earlier one (op, domain, attributes, input
+    tensors) is dropped and its outputs' readers read the earlier node's outputs."""
+    from onnxcomp.passes.fold import NONDETERMINISTIC
+
+    graph.toposort()
+    seen: dict[tuple, gs.Node] = {}
+    merged = 0
+    outputs = {id(t) for t in graph.outputs}
+    for node in list(graph.nodes):
+        if node.op in NONDETERMINISTIC or gu.has_subgraph(node) or not gu.is_standard(node) or not node.outputs:
+            continue
+        attrs = node.attrs.items()
+        if any(not isinstance(v, (int, float, str, bytes, list, tuple)) for _, v in attrs):
+            continue  # tensor-valued attributes: compared by nobody, kept apart
+        key = (node.op, node.domain, tuple(id(t) for t in node.inputs), repr(sorted(attrs)), len(node.outputs))
+        first = seen.setdefault(key, node)
+        if first is node or any(id(t) in outputs for t in node.outputs):
+            continue
+        for mine, theirs in zip(node.outputs, first.outputs):
+            gu.replace_tensor_uses(graph, mine, theirs)
+        node.inputs.clear()
+        node.outputs.clear()
+        merged += 1
+    return merged

@@ -75,6 +75,7 @@ class Fold(Pass):
         stats: Counter = Counter()
         graph = model.graph
         limit = int(self.config.max_growth_mb * 2**20)
+        self._kept: dict[int, str] = {}  # node id -> why it stays (decided once, not re-evaluated)
         for _ in range(self.config.max_rounds):
             progress = 0
             if self.config.shapes and any(n.op in ("Shape", "Size") and gu.is_standard(n) for n in graph.nodes):
@@ -83,6 +84,7 @@ class Fold(Pass):
             stats["rounds"] += 1
             if not progress:
                 break
+        stats.update(Counter(self._kept.values()))
         changed = stats["nodes_folded"] + stats["shape_nodes_folded"] > 0
         return PassResult(changed=changed, stats=dict(stats))
 
@@ -122,7 +124,7 @@ class Fold(Pass):
         foldable: list[gs.Node] = []
         produced: set[int] = set()
         for node in graph.nodes:  # topologically sorted by the pipeline / to_proto
-            if not _foldable_op(node):
+            if not _foldable_op(node) or id(node) in self._kept:
                 continue
             if all(gu.is_constant(t, graph) or t.name == "" or id(t) in produced for t in node.inputs):
                 foldable.append(node)
@@ -152,8 +154,8 @@ class Fold(Pass):
             if _storable(value) and growth <= limit:
                 materialize[id(tensor)] = tensor
                 continue
-            stats["skipped_too_large" if _storable(value) else "skipped_cannot_evaluate"] += id(producer) not in keep
             if id(producer) not in keep:
+                self._kept[id(producer)] = "skipped_too_large" if _storable(value) else "skipped_cannot_evaluate"
                 keep.add(id(producer))
                 frontier.extend(t for t in producer.inputs if id(t) in produced)
         removed = [n for n in foldable if id(n) not in keep]

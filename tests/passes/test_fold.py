@@ -1,0 +1,133 @@
+"""fold: constant nodes and static shape subgraphs become initializers, bit-identically."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcomp.model import Model
+from onnxcomp.passes.fold import Fold
+from onnxcomp.context import PassContext
+from onnxcomp.runtime import make_session
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>\n'
+
+
+def fold(text: str, **params):
+    proto = onnx.parser.parse_model(HEADER + text)
+    model = Model.from_proto(proto)
+    result = Fold(**params).run(model, PassContext())
+    return proto, model, result
+
+
+def outputs(proto, feeds):
+    return make_session(proto, "cpu").run(None, feeds)
+
+
+def ops(model) -> list[str]:
+    return [n.op for n in model.graph.nodes]
+
+
+def test_fold_turns_arithmetic_on_constants_into_one_initializer_with_identical_outputs():
+    proto, model, result = fold('''g (float[2,3] x) => (float[2,3] y) {
+        a = Constant<value = float[3] {1.5, -2.0, 0.25}>()
+        b = Constant<value = float[3] {3.0, 0.5, 7.0}>()
+        c = Mul(a, b)
+        d = Sqrt(b)
+        e = Add(c, d)
+        y = Add(x, e)
+    }''')
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    assert result.changed and result.stats["nodes_folded"] == 5
+    assert ops(model) == ["Add"]
+    assert outputs(model.to_proto(), {"x": x})[0].tobytes() == outputs(proto, {"x": x})[0].tobytes()
+
+
+def test_fold_resolves_a_shape_gather_concat_reshape_chain_when_shapes_are_static():
+    proto, model, result = fold('''g (float[2,3,4] x) => (float[6,4] y) {
+        s = Shape(x)
+        i = Constant<value = int64[2] {0, 1}>()
+        ab = Gather<axis = 0>(s, i)
+        n = ReduceProd<keepdims = 1>(ab)
+        c = Constant<value = int64[1] {4}>()
+        t = Concat<axis = 0>(n, c)
+        y = Reshape(x, t)
+    }''')
+    assert result.changed and result.stats["shape_nodes_folded"] == 1
+    assert ops(model) == ["Reshape"]
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert np.array_equal(outputs(model.to_proto(), {"x": x})[0], outputs(proto, {"x": x})[0])
+
+
+def test_fold_keeps_shape_of_a_tensor_with_a_dynamic_dimension():
+    _, model, result = fold('''g (float[N,4] x) => (float[M] y) {
+        s = Shape(x)
+        y = Reshape(x, Constant<value = int64[1] {-1}>())
+        z = Identity(s)
+    }'''.replace("y = Reshape(x, Constant<value = int64[1] {-1}>())",
+                 "m = Constant<value = int64[1] {-1}>()\n        y = Reshape(x, m)"))
+    assert "Shape" in ops(model)
+    assert result.stats.get("shape_nodes_folded", 0) == 0
+
+
+def test_fold_leaves_a_large_constantofshape_as_a_node_and_folds_it_when_allowed():
+    text = '''g (float[1024,512] x) => (float[1024,512] y) {
+        s = Constant<value = int64[2] {1024, 512}>()
+        c = ConstantOfShape<value = float[1] {0.5}>(s)
+        y = Mul(x, c)
+    }'''
+    _, model, result = fold(text)
+    assert ops(model) == ["ConstantOfShape", "Mul"] and result.stats["skipped_too_large"] == 1
+    _, model, result = fold(text, max_growth_mb=4.0)
+    assert ops(model) == ["Mul"] and result.changed
+
+
+def test_fold_never_evaluates_random_ops():
+    _, model, result = fold('''g (float[2] x) => (float[2] y) {
+        r = RandomNormal<shape = [2], dtype = 1>()
+        y = Add(x, r)
+    }''')
+    assert ops(model) == ["RandomNormal", "Add"]
+    assert not result.changed
+
+
+def test_fold_leaves_custom_domain_ops_with_constant_inputs_untouched():
+    _, model, result = fold('''g (float[2] x) => (float[2] y) {
+        a = Constant<value = float[2] {1.0, 2.0}>()
+        b = com.microsoft.Gelu(a)
+        y = Add(x, b)
+    }''')
+    assert ops(model) == ["Gelu", "Add"]
+    assert model.graph.nodes[0].domain == "com.microsoft"
+    assert result.stats["nodes_folded"] == 1  # only the Constant node
+
+
+def test_fold_keeps_the_name_of_a_graph_output_that_becomes_constant():
+    proto, model, result = fold('''g (float[2] x) => (float[2] y, int64[1] n) {
+        y = Relu(x)
+        n = Shape(x)
+    }''')
+    out = model.to_proto()
+    assert [o.name for o in out.graph.output] == ["y", "n"]
+    assert ops(model) == ["Relu"] and result.changed
+    x = np.array([-1.0, 2.0], np.float32)
+    assert outputs(out, {"x": x})[1].tolist() == [2]
+
+
+def test_fold_reports_unchanged_when_no_input_is_constant():
+    _, model, result = fold('''g (float[N] x) => (float[N] y) {
+        r = Relu(x)
+        y = Neg(r)
+    }''')
+    assert not result.changed and ops(model) == ["Relu", "Neg"]
+
+
+@pytest.mark.parametrize("op", ["If"])
+def test_fold_leaves_nodes_with_subgraphs_alone(op):
+    _, model, _ = fold('''g (float[2] x) => (float[2] y) {
+        c = Constant<value = bool {1}>()
+        y = If(c) <then_branch = g1 () => (float[2] a) { a = Neg(x) },
+                   else_branch = g2 () => (float[2] b) { b = Abs(x) }>
+    }''')
+    assert op in ops(model)

@@ -1,0 +1,148 @@
+"""fuse: BatchNorm into Conv/ConvTranspose/Gemm, MatMul+Add into Gemm, Transpose/Reshape chains.
+
+Also the end-to-end check on the real models: `fold, cleanup, fuse` gives fewer nodes and the
+same outputs (1e-5) on ORT CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxcomp
+from onnxcomp.context import PassContext
+from onnxcomp.model import Model
+from onnxcomp.passes.fuse import Fuse
+from onnxcomp.runtime import make_session
+from onnxcomp.validate import generate_inputs
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+RNG = np.random.default_rng(0)
+
+
+def fuse(text: str, **weights):
+    proto = onnx.parser.parse_model(HEADER + text)
+    for name, value in weights.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+    model = Model.from_proto(proto)
+    result = Fuse().run(model, PassContext())
+    return proto, model, result
+
+
+def close(before, after, feeds, atol=1e-5) -> bool:
+    a = make_session(before, "cpu").run(None, feeds)
+    b = make_session(after, "cpu").run(None, feeds)
+    return all(x.shape == y.shape and np.allclose(x, y, rtol=1e-4, atol=atol) for x, y in zip(a, b))
+
+
+def ops(model) -> list[str]:
+    return [n.op for n in model.graph.nodes]
+
+
+def bn_weights(c: int) -> dict:
+    return {"scale": RNG.uniform(0.5, 2, c), "bias": RNG.standard_normal(c), "mean": RNG.standard_normal(c),
+            "var": RNG.uniform(0.1, 2, c)}
+
+
+def test_fuse_folds_batchnorm_into_the_preceding_conv():
+    proto, model, result = fuse('''g (float[1,3,8,8] x) => (float[1,4,6,6] y) {
+        c = Conv(x, W, B)
+        y = BatchNormalization<epsilon = 0.001>(c, scale, bias, mean, var)
+    }''', W=RNG.standard_normal((4, 3, 3, 3)), B=RNG.standard_normal(4), **bn_weights(4))
+    assert result.changed and result.stats["batchnorm_folded"] == 1 and ops(model) == ["Conv"]
+    assert close(proto, model.to_proto(), {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)})
+
+
+def test_fuse_folds_batchnorm_into_a_grouped_convtranspose_without_bias():
+    proto, model, result = fuse('''g (float[1,4,5,5] x) => (float[1,6,7,7] y) {
+        c = ConvTranspose<group = 2>(x, W)
+        y = BatchNormalization(c, scale, bias, mean, var)
+    }''', W=RNG.standard_normal((4, 3, 3, 3)), **bn_weights(6))
+    assert ops(model) == ["ConvTranspose"] and result.changed
+    assert close(proto, model.to_proto(), {"x": RNG.standard_normal((1, 4, 5, 5)).astype(np.float32)})
+
+
+def test_fuse_folds_batchnorm_into_a_gemm_with_transposed_weights():
+    proto, model, result = fuse('''g (float[3,5] x) => (float[3,4] y) {
+        c = Gemm<transB = 1, alpha = 0.5, beta = 2.0>(x, W, B)
+        y = BatchNormalization(c, scale, bias, mean, var)
+    }''', W=RNG.standard_normal((4, 5)), B=RNG.standard_normal(4), **bn_weights(4))
+    assert ops(model) == ["Gemm"] and result.changed
+    assert close(proto, model.to_proto(), {"x": RNG.standard_normal((3, 5)).astype(np.float32)})
+
+
+def test_fuse_keeps_batchnorm_when_the_conv_output_has_another_consumer():
+    _, model, result = fuse('''g (float[1,3,8,8] x) => (float[1,4,6,6] y, float[1,4,6,6] z) {
+        c = Conv(x, W)
+        y = BatchNormalization(c, scale, bias, mean, var)
+        z = Relu(c)
+    }''', W=RNG.standard_normal((4, 3, 3, 3)), **bn_weights(4))
+    assert "BatchNormalization" in ops(model) and not result.changed
+
+
+def test_fuse_turns_matmul_plus_add_into_gemm_for_2d_inputs():
+    proto, model, result = fuse('''g (float[N,5] x) => (float[N,4] y) {
+        m = MatMul(x, W)
+        y = Add(B, m)
+    }''', W=RNG.standard_normal((5, 4)), B=RNG.standard_normal(4))
+    assert ops(model) == ["Gemm"] and result.stats["gemm_fused"] == 1
+    assert close(proto, model.to_proto(), {"x": RNG.standard_normal((7, 5)).astype(np.float32)})
+
+
+def test_fuse_keeps_matmul_plus_add_for_3d_inputs_or_widening_bias():
+    _, model, _ = fuse('''g (float[2,3,5] x) => (float[2,3,4] y) {
+        m = MatMul(x, W)
+        y = Add(m, B)
+    }''', W=RNG.standard_normal((5, 4)), B=RNG.standard_normal(4))
+    assert ops(model) == ["MatMul", "Add"]
+    _, model, result = fuse('''g (float[1,5] x) => (float[3,4] y) {
+        m = MatMul(x, W)
+        y = Add(m, B)
+    }''', W=RNG.standard_normal((5, 4)), B=RNG.standard_normal((3, 4)))
+    assert ops(model) == ["MatMul", "Add"] and not result.changed
+
+
+def test_fuse_merges_transposes_and_drops_an_identity_pair():
+    proto, model, result = fuse('''g (float[2,3,4] x) => (float[4,2,3] y, float[2,3,4] z) {
+        a = Transpose<perm = [1, 0, 2]>(x)
+        y = Transpose<perm = [2, 1, 0]>(a)
+        b = Transpose<perm = [0, 2, 1]>(x)
+        c = Transpose<perm = [0, 2, 1]>(b)
+        z = Neg(c)
+    }''')
+    assert result.stats == {"transposes_merged": 1, "transposes_removed": 1}
+    assert sorted(ops(model)) == ["Neg", "Transpose"]
+    assert close(proto, model.to_proto(), {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)}, atol=0)
+
+
+def test_fuse_merges_consecutive_reshapes():
+    proto, model, result = fuse('''g (float[2,3,4] x) => (float[4,6] y) <int64[2] s1 = {6, 4}, int64[2] s2 = {4, -1}> {
+        a = Reshape(x, s1)
+        y = Reshape(a, s2)
+    }''')
+    assert ops(model) == ["Reshape"] and result.stats["reshapes_merged"] == 1
+    assert close(proto, model.to_proto(), {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)}, atol=0)
+
+
+def test_fuse_reports_unchanged_when_nothing_matches():
+    _, model, result = fuse('''g (float[2,3] x) => (float[2,3] y) {
+        a = Relu(x)
+        y = Transpose<perm = [0, 1]>(a)
+    }''')
+    assert not result.changed and ops(model) == ["Relu", "Transpose"]
+
+
+@pytest.mark.parametrize("fixture", ["ultraface_path", "mnist_path"])
+def test_fold_cleanup_fuse_shrinks_a_real_model_and_keeps_its_outputs_within_1e_5(fixture, request):
+    path = request.getfixturevalue(fixture)
+    original = onnxcomp.load(path)
+    before = len(original.graph.nodes)
+    reference = original.to_proto()
+    result = onnxcomp.optimize(path, "fold, cleanup, fuse", check=False)
+    assert len(result.model.graph.nodes) < before
+    assert [o.name for o in result.model.to_proto().graph.output] == [o.name for o in reference.graph.output]
+    for feeds in generate_inputs(original, 2, seed=1):
+        a = make_session(reference, "cpu").run(None, feeds)
+        b = make_session(result.model, "cpu").run(None, feeds)
+        assert all(np.allclose(x, y, rtol=0, atol=1e-5) for x, y in zip(a, b))
