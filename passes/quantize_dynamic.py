@@ -45,6 +45,8 @@ class QuantizeDynamic(Pass):
         ops: tuple[str, ...] = param(("MatMul", "Gemm"), "op types to quantize")
         exclude: tuple[str, ...] = param((), "node names or op types (fnmatch) kept in float")
         min_size: int = param(1024, "weights with fewer elements stay in float", min=0)
+        reduce_range: bool | None = param(None, "7-bit weights for mode=dynamic, avoiding the int16 saturation of "
+                                          "AVX2's u8*s8 kernels (default: on for x86 CPUs without VNNI)")
 
     def run(self, model: Model, ctx) -> PassResult:
         cfg = self.config
@@ -106,8 +108,9 @@ class QuantizeDynamic(Pass):
             producer.outputs[producer.outputs.index(y_float)] = out
 
     def _dynamic(self, build, node, w: np.ndarray) -> int:
-        wp = weight_params(w, 1 if self.config.per_channel else None)
-        wq = build.const(f"{node.name}_W_quantized", quantize_array(w, wp))
+        reduce = self.config.reduce_range if self.config.reduce_range is not None else cpu_saturates_u8s8()
+        wp = weight_params(w, 1 if self.config.per_channel else None, reduce_range=reduce)
+        wq = build.const(f"{node.name}_W_quantized", quantize_array(w, wp, reduce))
         a = node.inputs[0]
         aq = gs.Variable(build.unique(f"{node.name}_A_quantized"), dtype=np.uint8)
         a_scale = gs.Variable(build.unique(f"{node.name}_A_scale"), dtype=np.float32)
@@ -165,6 +168,22 @@ class QuantizeDynamic(Pass):
         return packed.nbytes + scales.nbytes + zps.nbytes
 
 
+def cpu_saturates_u8s8() -> bool:
+    """True on x86 CPUs without VNNI, where ORT's u8*s8 int8 kernels (vpmaddubsw) add pairs of
+    products in int16 and can saturate with full-range weights (measured here: 7 % output
+    error on a small MLP instead of 1 %); 7-bit weights cannot saturate."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def pack_nbits(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """4-bit asymmetric block quantization of W [K, N] in MatMulNBits layout.
 
@@ -208,7 +227,7 @@ def _target(node: gs.Node, cfg) -> tuple[gs.Constant, bool] | None:
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None and bias.name and not isinstance(bias, gs.Constant):
             return None
-    if cfg.mode == "weight_only" and cfg.bits == 4 and (w.values.shape[0] < 16):
+    if cfg.mode == "weight_only" and cfg.bits == 4 and w.values.shape[1 if trans_b else 0] < 16:
         return None
     return w, trans_b
 
