@@ -281,7 +281,11 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
         from onnxcomp import container
 
         return container.save_packed(load(model) if isinstance(model, onnx.ModelProto) else model, path)
-    proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)  # moving weights to external data edits the proto: not the caller's
+    else:
+        proto = model.to_proto()
     if external_data is None:
         external_data = _initializer_bytes(proto) > PROTOBUF_LIMIT
     folder = path.parent if str(path.parent) else Path(".")
@@ -292,6 +296,7 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
         staged = staging / path.name
         data_name = path.name + ".data"
         if external_data:
+            _typed_fields_to_raw_data(proto)
             external_data_helper.convert_model_to_external_data(
                 proto, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_DATA_MIN_BYTES
             )
@@ -307,6 +312,18 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _typed_fields_to_raw_data(proto: onnx.ModelProto) -> None:
+    """onnx only moves raw_data to external files; old exporters (CNTK...) wrote float_data."""
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if tensor.HasField("raw_data") or tensor.data_type == onnx.TensorProto.STRING:
+            continue
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        values = onnx.numpy_helper.to_array(tensor)
+        if values.nbytes >= EXTERNAL_DATA_MIN_BYTES:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
 
 
 def _initializer_bytes(proto: onnx.ModelProto) -> int:
