@@ -47,8 +47,12 @@ def interleaved_latency_ms(models: dict[str, Any], feed: dict[str, np.ndarray], 
         for _ in range(warmup):
             session.run(None, feeds[label])
     medians: dict[str, list[float]] = {label: [] for label in sessions}
+    order = list(sessions)
+    rng = np.random.default_rng(0)
     for _ in range(rounds):
-        for label, session in sessions.items():
+        rng.shuffle(order)  # no model is always timed first in a round
+        for label in order:
+            session = sessions[label]
             times = []
             start = time.perf_counter()
             while len(times) < min_runs or time.perf_counter() - start < round_seconds:
