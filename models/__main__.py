@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build", help="build a zoo model (cached) and print its path")
     build.add_argument("name", choices=zoo.names())
     build.add_argument("-o", "--output", type=Path, help="also copy the model here")
+    build.add_argument("--data", action="store_true",
+                       help="also write NAME.calibration.npz and NAME.evaluation.npz beside the output "
+                            "(the evaluation file carries `labels` when the model has them)")
     sub.add_parser("list", help="list the zoo models")
     args = parser.parse_args(argv)
 
@@ -42,7 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(path, args.output)
         path = args.output
     print(path)
+    if args.data:
+        for kind, feeds in (("calibration", entry.calibration()), ("evaluation", entry.evaluation())):
+            target = Path(path).with_suffix(f".{kind}.npz")
+            write_npz(target, feeds, entry.labels() if kind == "evaluation" and hasattr(entry, "labels") else None)
+            print(target)
     return 0
+
+
+def write_npz(path: Path, feeds: list[dict], labels=None) -> None:
+    """Feeds (each with a batch of one) stacked along axis 0; only feeds of one shape per input."""
+    import numpy as np
+
+    arrays = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels)
+    np.savez_compressed(path, **arrays)
 
 
 if __name__ == "__main__":
