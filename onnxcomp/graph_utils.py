@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -148,7 +148,7 @@ def infer_types(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
         try:
             inferred = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False, data_prop=data_prop)
             break
-        except Exception:  # inference may reject odd models; then we know only what is declared
+        except Exception:  # inference may reject odd models; then we know only what is declared  # noqa: BLE001, S112 - onnx/ORT raise many exception types
             continue
     facts: dict[str, tuple[int, tuple | None]] = {}
     source = inferred.graph if inferred is not None else work.graph
@@ -183,7 +183,7 @@ def elem_type(facts: dict, tensor: gs.Tensor) -> int | None:
     if isinstance(tensor, gs.Constant):
         try:
             return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(tensor.values).dtype)
-        except Exception:
+        except Exception:  # noqa: BLE001, S112 - onnx/ORT raise many exception types
             return None
     fact = facts.get(tensor.name)
     return fact[0] if fact and fact[0] else None

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
-from onnxcomp.model import Model
 from onnxcomp.passes.fold import Fold
+
 from onnxcomp.context import PassContext
+from onnxcomp.model import Model
 from onnxcomp.runtime import make_session
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>\n'
@@ -104,7 +104,7 @@ def test_fold_leaves_custom_domain_ops_with_constant_inputs_untouched():
 
 
 def test_fold_keeps_the_name_of_a_graph_output_that_becomes_constant():
-    proto, model, result = fold('''g (float[2] x) => (float[2] y, int64[1] n) {
+    _, model, result = fold('''g (float[2] x) => (float[2] y, int64[1] n) {
         y = Relu(x)
         n = Shape(x)
     }''')
