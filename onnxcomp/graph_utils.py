@@ -183,7 +183,7 @@ def elem_type(facts: dict, tensor: gs.Tensor) -> int | None:
     if isinstance(tensor, gs.Constant):
         try:
             return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(tensor.values).dtype)
-        except Exception:  # noqa: BLE001, S112 - onnx/ORT raise many exception types
+        except Exception:  # noqa: BLE001 - onnx/ORT raise many exception types
             return None
     fact = facts.get(tensor.name)
     return fact[0] if fact and fact[0] else None

@@ -198,7 +198,7 @@ def _evaluate(model, nodes: list[gs.Node], stats: Counter) -> dict[int, np.ndarr
         results = _run_ort(model, nodes, targets, {})
         stats["ort_batches"] += 1
         return {id(t): v for t, v in zip(targets, results)}
-    except Exception:  # noqa: BLE001, S112 - onnx/ORT raise many exception types
+    except Exception:  # noqa: BLE001 - onnx/ORT raise many exception types
         stats["batch_fallbacks"] += 1
     values: dict[int, np.ndarray] = {}
     for node in nodes:
@@ -210,11 +210,11 @@ def _evaluate(model, nodes: list[gs.Node], stats: Counter) -> dict[int, np.ndarr
         try:
             results = _run_ort(model, [node], outs, feeds)
             stats["ort_nodes"] += 1
-        except Exception:  # noqa: BLE001, S112 - onnx/ORT raise many exception types
+        except Exception:  # noqa: BLE001 - onnx/ORT raise many exception types
             try:
                 results = _run_reference(model, node, outs, feeds)
                 stats["reference_nodes"] += 1
-            except Exception:  # noqa: BLE001, S112 - onnx/ORT raise many exception types
+            except Exception:  # noqa: BLE001 - onnx/ORT raise many exception types
                 stats["nodes_not_evaluable"] += 1
                 continue
         values.update({id(t): np.asarray(v) if v is not None else v for t, v in zip(outs, results)})
@@ -241,7 +241,7 @@ def _subgraph_proto(model, nodes, targets, feeds) -> onnx.ModelProto:
     proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
     try:
         minimum = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
-    except Exception:  # noqa: BLE001, S112 - onnx/ORT raise many exception types
+    except Exception:  # noqa: BLE001 - onnx/ORT raise many exception types
         minimum = 4
     proto.ir_version = max(model.ir_version, minimum, 4)
     return proto

@@ -87,10 +87,10 @@ def check_case(name: str, proto: onnx.ModelProto, datasets: list, spec: str = "f
         exact = onnxcomp.optimize(model, exact_spec, check=False).model
         exact_proto = exact.to_proto()
         fused = onnxcomp.optimize(Model.from_proto(exact_proto), fuse_spec, check=False)
-    except Exception as exc:  # noqa: BLE001, S112 - onnx/ORT raise many exception types
+    except Exception as exc:  # noqa: BLE001 - onnx/ORT raise many exception types
         try:
             Model.from_proto(proto).to_proto()
-        except Exception as core:  # onnx-graphsurgeon cannot hold some optional-typed graphs  # noqa: BLE001, S112 - onnx/ORT raise many exception types
+        except Exception as core:  # onnx-graphsurgeon cannot hold some optional-typed graphs  # noqa: BLE001 - onnx/ORT raise many exception types
             return "skipped", f"onnxcomp cannot load/save it ({type(core).__name__})", None
         return "failed", f"pass error: {type(exc).__name__}: {exc}", None
     counts = (len(proto.graph.node), len(exact_proto.graph.node), len(fused.model.graph.nodes),

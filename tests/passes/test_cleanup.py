@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxcomp.passes.cleanup import Cleanup
 
 from onnxcomp.context import PassContext
 from onnxcomp.model import Model
-from onnxcomp.passes.cleanup import Cleanup
 from onnxcomp.runtime import make_session
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>\n'

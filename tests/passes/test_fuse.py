@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxcomp.passes.fuse import Fuse
 
 import onnxcomp
 from onnxcomp.context import PassContext
 from onnxcomp.model import Model
-from onnxcomp.passes.fuse import Fuse
 from onnxcomp.runtime import make_session
 from onnxcomp.validate import generate_inputs
 
