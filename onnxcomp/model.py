@@ -46,6 +46,8 @@ class Model:
     model_version: int = 0
     doc_string: str = ""
     source_path: Path | None = None
+    # IR >= 4 graph inputs that also have an initializer (a default value): kept as inputs on export
+    initializer_inputs: set[str] = field(default_factory=set)
     packing: dict | None = None  # set by the entropy pass: save(..., "x.onnxc") packs with this coder
 
     # ---- conversions -------------------------------------------------------------------
@@ -70,6 +72,8 @@ class Model:
             model_version=proto.model_version,
             doc_string=proto.doc_string,
             source_path=source_path,
+            initializer_inputs=({i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
+                                if proto.ir_version >= 4 else set()),
         )
 
     def to_proto(self) -> onnx.ModelProto:
@@ -91,6 +95,8 @@ class Model:
         _drop_shadowing_initializers(proto.graph, set())
         if self.ir_version < 4:
             _list_initializers_as_inputs(proto.graph)
+        elif self.initializer_inputs:
+            _list_initializers_as_inputs(proto.graph, only=self.initializer_inputs)
         return proto
 
     def copy(self) -> Model:
@@ -155,11 +161,12 @@ def _drop_shadowing_initializers(graph: onnx.GraphProto, outer: set[str]) -> Non
                 _drop_shadowing_initializers(sub, visible)
 
 
-def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
-    """IR < 4 requires every initializer to also be a graph input (graphsurgeon drops them)."""
+def _list_initializers_as_inputs(graph: onnx.GraphProto, only: set[str] | None = None) -> None:
+    """IR < 4 requires every initializer to also be a graph input, and at IR >= 4 an input with an
+    initializer is an input with a default value; graphsurgeon drops both from the inputs."""
     listed = {i.name for i in graph.input}
     for init in graph.initializer:
-        if init.name not in listed:
+        if init.name not in listed and (only is None or init.name in only):
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
 
 

@@ -29,6 +29,10 @@ def _input_specs(proto: onnx.ModelProto) -> list[tuple[str, int, list]]:
     for vi in proto.graph.input:
         if vi.name in initializers:  # IR < 4 lists weights as inputs
             continue
+        if not vi.type.HasField("tensor_type"):
+            kind = vi.type.WhichOneof("value") or "untyped"
+            raise InputError(f"input {vi.name!r} is a {kind.replace('_type', '')}, not a tensor: "
+                             "cannot generate it; give the inputs as data")
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
         specs.append((vi.name, tt.elem_type, dims))
@@ -187,7 +191,12 @@ def outputs_on(model, feeds: list[dict[str, np.ndarray]], provider: str) -> dict
     collected: dict[str, list[np.ndarray]] = {}
     for feed in feeds:
         for name, value in run(session, feed).items():
-            collected.setdefault(name, []).append(value)
+            if isinstance(value, list):  # a sequence output: compare it element by element
+                for i, item in enumerate(value):
+                    collected.setdefault(f"{name}[{i}]", []).append(np.asarray(item))
+                collected.setdefault(f"{name}.length", []).append(np.array(len(value)))
+            else:
+                collected.setdefault(name, []).append(value)
     return collected
 
 
@@ -207,8 +216,11 @@ def validate(reference, candidate, inputs: Iterable[dict[str, np.ndarray]] | str
         from onnxcomp.calibration import CalibrationData
 
         inputs = CalibrationData.from_source(inputs)
-    feeds = list(inputs) if inputs is not None else generate_inputs(ref_proto, samples, dims=dims)
     tolerance = tolerance or Tolerance()
+    try:
+        feeds = list(inputs) if inputs is not None else generate_inputs(ref_proto, samples, dims=dims)
+    except InputError as exc:
+        return ValidationReport([ProviderComparison(p, skipped=str(exc)) for p in parse_providers(providers)], 0)
     results = []
     for provider in parse_providers(providers):
         comparison = ProviderComparison(provider)
