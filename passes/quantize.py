@@ -22,7 +22,7 @@ from onnxcomp.errors import PassError
 from onnxcomp.model import Model, upgrade_opset
 from onnxcomp.quant import calibrators, fallback, latency
 from onnxcomp.quant.insert import QuantOptions, apply_plan
-from onnxcomp.quant.placement import DEFAULT_OPS, make_plan, name_nodes
+from onnxcomp.quant.placement import DEFAULT_OPS, fold_batchnorm, make_plan, name_nodes
 from onnxcomp.registry import register
 
 QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) and int32 bias per channel
@@ -67,6 +67,9 @@ class Quantize(Pass):
             stats["opset_upgraded_from"] = model.opset
         float_model = work.copy()
         name_nodes(float_model.graph)
+        folded = fold_batchnorm(float_model.graph)
+        if folded:
+            stats["batchnorm_folded"] = folded
         ops = cfg.ops or DEFAULT_OPS
         provider = (ctx.providers or ["cpu"])[0]
 
