@@ -1,0 +1,224 @@
+"""prune: zero the least important weights of Conv, ConvTranspose, Gemm and MatMul.
+
+    W -> W ⊙ mask                      (saliency=magnitude: the smallest |w| go)
+    W -> SparseGPT(W, H = 2·X·Xᵀ)      (saliency=hessian: OBS choice + update of the kept weights)
+
+Only weight initializers are touched (never biases, normalisation parameters, shape constants,
+or initializers that also feed anything else); one shared by several nodes is pruned once.
+`scope=layer` prunes every tensor to `sparsity`; `scope=global` ranks every weight of the model
+together (|w|, or the OBS cost as a fraction of its layer's output energy) under a per-layer cap;
+`scope=auto` measures each layer's sensitivity (see the `sensitivity` pass) and picks per-layer
+sparsities that reach `sparsity` at the least measured output error (optionally bounded by
+`max_error`). `pattern=N:M` keeps at most N non-zeros in every M consecutive input channels
+(Conv: at one kernel tap; Gemm along K whatever transB says; MatMul B [K, N] along K).
+The stats give the exact, measured sparsity of every pruned tensor and overall.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxcomp import hessian as hs
+from onnxcomp.base import Pass, PassResult, param
+from onnxcomp.errors import PassError, SpecError
+from onnxcomp.registry import register
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4) (keep N of every M); '' -> (0, 0)."""
+    if not text:
+        return 0, 0
+    match = _PATTERN.match(str(text))
+    if not match or not (0 < int(match.group(1)) < int(match.group(2)) <= 64):
+        raise SpecError(f"prune: parameter pattern = {text!r} is not N:M with 0 < N < M <= 64 (e.g. 2:4)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def allocate_global(scores: dict[str, np.ndarray], total: int, caps: dict[str, int]) -> dict[str, int]:
+    """Prune counts per layer: the `total` lowest scores model-wide, no layer above its cap."""
+    ordered = {k: np.sort(v.ravel()) for k, v in scores.items()}
+    everything = np.sort(np.concatenate(list(ordered.values())))
+    if total >= sum(caps.values()):
+        return dict(caps)
+
+    def count(tau: float, side: str) -> dict[str, int]:
+        return {k: min(int(np.searchsorted(v, tau, side)), caps[k]) for k, v in ordered.items()}
+
+    lo, hi = 0, len(everything) - 1
+    while lo < hi:  # smallest threshold whose capped count reaches the total
+        mid = (lo + hi) // 2
+        if sum(count(everything[mid], "right").values()) >= total:
+            hi = mid
+        else:
+            lo = mid + 1
+    tau = everything[lo]
+    below, upto = count(tau, "left"), count(tau, "right")
+    left = total - sum(below.values())
+    for k in below:  # ties at the threshold: fill in order until the total is met
+        add = min(left, upto[k] - below[k])
+        below[k] += add
+        left -= add
+    return below
+
+
+@register
+class Prune(Pass):
+    """Zero the least important Conv/Gemm/MatMul weights (magnitude, N:M or Hessian/OBS)."""
+
+    name = "prune"
+    lossless = False
+
+    @dataclass(frozen=True)
+    class Config:
+        sparsity: float = param(0.5, "fraction of weights set to zero", min=0.0, max=1.0)
+        scope: str = param("layer", "layer: each tensor at `sparsity`; global: one ranking for the model; "
+                           "auto: per-layer sparsities from measured sensitivity", choices=("layer", "global", "auto"))
+        pattern: str = param("", "N:M semi-structured sparsity along input channels (e.g. 2:4); "
+                             "fixes the sparsity at 1 - N/M")
+        saliency: str = param("magnitude", "what ranks weights: |w|, or the OBS cost from calibration "
+                              "Hessians with the SparseGPT weight update", choices=("magnitude", "hessian"))
+        min_params: int = param(0, "skip weight tensors with fewer elements", min=0)
+        include: tuple[str, ...] = param((), "only these node/initializer names (fnmatch patterns)")
+        exclude: tuple[str, ...] = param((), "never these node/initializer names (fnmatch patterns)")
+        ops: tuple[str, ...] = param(hs.WEIGHT_OPS, "op types whose weights are pruned")
+        max_layer_sparsity: float = param(0.95, "global/auto: no layer pruned beyond this", min=0.0, max=1.0)
+        max_error: float = param(0.0, "auto: stop before the summed measured output error (relative "
+                                 "squared error) passes this; 0 = no bound", min=0.0)
+        samples: int = param(128, "calibration samples used (hessian, auto)", min=1)
+        sequential: bool = param(True, "hessian: capture each layer's inputs from the model pruned so far")
+        block_size: int = param(128, "hessian: SparseGPT lazy column-block width", min=1)
+        damp: float = param(0.01, "hessian: dampening, a fraction of the mean Hessian diagonal", min=0.0, max=1.0)
+
+        def __post_init__(self):
+            n, m = parse_pattern(self.pattern)
+            if m and self.sparsity not in (0.5, 1 - n / m):
+                raise SpecError(f"prune: pattern {self.pattern} fixes the sparsity at {1 - n / m:g}; "
+                                f"leave sparsity out (got {self.sparsity:g})")
+            if m and self.scope != "layer":
+                raise SpecError("prune: pattern works per layer; use scope=layer with it")
+            unknown = [op for op in self.ops if op not in hs.WEIGHT_OPS]
+            if unknown:
+                raise SpecError(f"prune: parameter ops = {unknown[0]!r} is not allowed "
+                                f"(choose from: {', '.join(hs.WEIGHT_OPS)})")
+
+    def run(self, model, ctx) -> PassResult:
+        cfg = self.config
+        n, m = parse_pattern(cfg.pattern)
+        layers = hs.find_weight_layers(model, cfg.ops, cfg.include, cfg.exclude, cfg.min_params)
+        skipped: dict[str, str] = {}
+        if m:
+            for layer in list(layers):
+                if layer.nm_axis_size() % m:
+                    skipped[layer.name] = f"{layer.nm_axis_size()} input channels, not a multiple of {m}"
+                    layers.remove(layer)
+        if not layers:
+            return PassResult(False, {"pruned_tensors": 0, "sparsity": 0.0, "skipped": skipped})
+        hessian = cfg.saliency == "hessian"
+        feeds = ctx.require_calibration(self.name) if (hessian or cfg.scope == "auto") else None
+        dense_h: dict[str, np.ndarray] = {}
+        if hessian and (cfg.scope != "layer" or not cfg.sequential):
+            dense_h = ctx.analysis(f"hessians:{cfg.samples}:{'|'.join(layer.name for layer in layers)}",
+                                   lambda: hs.layer_hessians(model, layers, feeds, cfg.samples))
+        counts = self._allocate(model, ctx, layers, dense_h, feeds)
+        before = {layer.name: np.asarray(layer.weight.values) for layer in layers}
+        if hessian and any(layer.supports_hessian for layer in layers):
+            self._prune_hessian(model, layers, counts, n, m, feeds, {} if cfg.sequential else dense_h)
+        else:
+            for layer in layers:
+                _prune_magnitude(layer, counts.get(layer.name, 0), n, m)
+        fallback = [layer.name for layer in layers if hessian and not layer.supports_hessian]
+        if fallback:
+            ctx.note(f"prune: {len(fallback)} ConvTranspose weight(s) pruned by magnitude (no Hessian support)")
+        return _result(layers, before, skipped, counts if not m else None)
+
+    # ---- how many weights each layer loses ----------------------------------------------
+    def _allocate(self, model, ctx, layers, dense_h, feeds) -> dict[str, int]:
+        cfg = self.config
+        if cfg.pattern:
+            return {}
+        if cfg.scope == "layer":
+            return {layer.name: int(round(cfg.sparsity * layer.size)) for layer in layers}
+        caps = {layer.name: int(np.floor(cfg.max_layer_sparsity * layer.size)) for layer in layers}
+        if cfg.scope == "global":
+            scores = {}
+            for layer in layers:
+                w = np.asarray(layer.weight.values, dtype=np.float64)
+                if layer.name in dense_h:
+                    rows = layer.to_rows(w)
+                    scores[layer.name] = np.stack([hs.obs_scores(rows[g], dense_h[layer.name][g], cfg.damp)
+                                                   for g in range(len(rows))])
+                else:
+                    scores[layer.name] = np.abs(w)
+            total = int(round(cfg.sparsity * sum(layer.size for layer in layers)))
+            return allocate_global(scores, total, caps)
+        from onnxcomp.passes.sensitivity import allocate, measure
+
+        from onnxcomp.passes.sensitivity import cache_key
+
+        table = ctx.analysis(cache_key(cfg.saliency, cfg.samples, layers),
+                             lambda: measure(model, layers, feeds, saliency=cfg.saliency, samples=cfg.samples,
+                                             hessians=dense_h, damp=cfg.damp))
+        chosen = allocate(table, {x.name: x.size for x in layers}, cfg.sparsity,
+                          cfg.max_error or None, cfg.max_layer_sparsity)
+        ctx.note("prune(scope=auto): per-layer sparsity " + ", ".join(f"{k}={v:.2f}" for k, v in chosen.items()))
+        return {x.name: min(caps[x.name], int(round(chosen[x.name] * x.size))) for x in layers}
+
+    # ---- SparseGPT ------------------------------------------------------------------------
+    def _prune_hessian(self, model, layers, counts, n, m, feeds, dense_h) -> None:
+        cfg = self.config
+        order = [layers] if dense_h else hs.stages(model, layers)
+        for stage in order:
+            todo = [x for x in stage if x.supports_hessian and (m or counts.get(x.name, 0) > 0)]
+            for layer in stage:
+                if not layer.supports_hessian:
+                    _prune_magnitude(layer, counts.get(layer.name, 0), n, m)
+            if not todo:
+                continue
+            hessians = dense_h if dense_h else hs.layer_hessians(model, todo, feeds, cfg.samples)
+            for layer in todo:
+                if layer.name not in hessians:
+                    raise PassError(f"no calibration activation reached {layer.name}")
+                w = np.asarray(layer.weight.values)
+                rows = layer.to_rows(w.astype(np.float64))
+                total = counts.get(layer.name, 0)
+                out = np.empty_like(rows)
+                for g in range(len(rows)):
+                    share = int(round(total * (g + 1) / len(rows))) - int(round(total * g / len(rows)))
+                    out[g] = hs.sparsegpt(rows[g], hessians[layer.name][g], share, n, m,
+                                          cfg.block_size, cfg.damp)
+                layer.weight.values = layer.from_rows(out).astype(w.dtype)
+
+
+def _prune_magnitude(layer: hs.WeightLayer, count: int, n: int, m: int) -> None:
+    if not m and count <= 0:
+        return
+    w = np.asarray(layer.weight.values)
+    rows = layer.to_rows(w)
+    mask = hs.magnitude_mask(rows, count, n, m)
+    layer.weight.values = layer.from_rows(np.where(mask, np.zeros((), w.dtype), rows)).astype(w.dtype)
+
+
+def _result(layers, before, skipped, counts) -> PassResult:
+    per_tensor, zeros, total, changed = {}, 0, 0, False
+    for layer in layers:
+        w = np.asarray(layer.weight.values)
+        z = int(w.size - np.count_nonzero(w))
+        per_tensor[layer.name] = z / w.size
+        zeros += z
+        total += w.size
+        changed = changed or not np.array_equal(w, before[layer.name])
+    stats = {
+        "sparsity": zeros / total if total else 0.0,
+        "pruned_tensors": sum(1 for layer in layers if not np.array_equal(layer.weight.values, before[layer.name])),
+        "zeros": zeros,
+        "params": total,
+        "per_tensor": per_tensor,
+    }
+    if skipped:
+        stats["skipped"] = skipped
+    return PassResult(changed, stats)
