@@ -173,11 +173,14 @@ def tensor_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return {vi.name: vi.type for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
 
 
-def with_extra_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of the model whose graph also outputs the named intermediate tensors."""
+def with_extra_outputs(proto: onnx.ModelProto, names: Iterable[str], typed: bool = True) -> onnx.ModelProto:
+    """A copy of the model whose graph also outputs the named intermediate tensors.
+
+    `typed=False` skips shape inference (ORT accepts untyped outputs): much faster on big models.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    types = tensor_types(proto)
+    types = tensor_types(proto) if typed else {}
     existing = {o.name for o in out.graph.output}
     for name in names:
         if name in existing:
@@ -189,12 +192,16 @@ def with_extra_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
 
 
 def capture(model, names: list[str], data: Iterable[dict[str, np.ndarray]], provider: str = "cpu",
-            threads: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """Yield (feed, {tensor name: value}) for every calibration feed, one batch at a time."""
+            threads: int | None = None, typed: bool = True
+            ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Yield (feed, {tensor name: value}) for every calibration feed, one batch at a time.
+
+    `typed=False`: the extra outputs are left untyped (no shape inference), see with_extra_outputs.
+    """
     from onnxcomp.model import Model
     from onnxcomp.runtime import make_session, run
 
     proto = model.to_proto() if isinstance(model, Model) else model
-    session = make_session(with_extra_outputs(proto, names), provider, threads=threads)
+    session = make_session(with_extra_outputs(proto, names, typed), provider, threads=threads)
     for feed in data:
         yield feed, run(session, feed, list(names))
