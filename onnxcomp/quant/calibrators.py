@@ -151,7 +151,7 @@ class Entropy(_HistogramCalibrator):
             return h.lo, h.hi
         best, best_t = np.inf, absmax
         for t in absmax * 2.0 ** -np.linspace(0, 12, 49):
-            pos = (mags / t * 2048).astype(np.int64)
+            pos = np.minimum(mags / t * 2048, 4096).astype(np.int64)
             inside = pos < 2048
             fine = np.bincount(pos[inside], weights=counts[inside], minlength=2048)
             fine[0] += h.zero
