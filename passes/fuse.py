@@ -7,6 +7,9 @@ Rewrites
     Add(MatMul(a, B), c)                       -> Gemm(a, B, c)        a 2-D, B and c constant, c not widening
     Transpose(Transpose(x, p1), p2)            -> Transpose(x, p1[p2])  (or x when that is the identity)
     Reshape(Reshape(x, s1), s2)                -> Reshape(x, s2)        s2 constant without 0 entries
+    Add(Conv(x, W, b), c)                      -> Conv(x, W, b + c)     c constant, one value per output channel
+    Mul(Conv(x, W, b), k)                      -> Conv(x, W*k, b*k)     k constant, one value per output channel
+    Mul(Mul(x, c1), c2)                        -> Mul(x, c1*c2)         (and Add chains) c1, c2 constant
 
 BatchNormalization is folded only in inference mode, when the conv's output feeds nothing else and
 all weights are constants; new weights are new initializers (shared ones are never edited).
@@ -40,6 +43,7 @@ class Fuse(Pass):
         gemm: bool = param(True, "turn MatMul + Add with constant weights and bias into Gemm")
         transposes: bool = param(True, "merge consecutive Transposes (and drop identity ones)")
         reshapes: bool = param(True, "merge consecutive Reshapes")
+        conv_affine: bool = param(True, "fold a per-channel constant Add/Mul after a Conv into its bias/weights")
 
     def run(self, model, ctx) -> PassResult:
         graph = model.graph
@@ -52,8 +56,13 @@ class Fuse(Pass):
             done = None
             if node.op == "BatchNormalization" and self.config.batchnorm:
                 done = _fold_batchnorm(graph, node, consumers) and "batchnorm_folded"
+            elif node.op in ("Add", "Mul") and self.config.conv_affine and _fold_into_conv(graph, node, consumers):
+                done = "conv_add_folded" if node.op == "Add" else "conv_mul_folded"
+            elif node.op in ("Add", "Mul") and self.config.conv_affine and _merge_constant_chain(graph, node, consumers):
+                done = "mul_chains_merged" if node.op == "Mul" else "add_chains_merged"
             elif node.op == "Add" and self.config.gemm and graph.opset >= 7:
                 if facts is None and any(_producer(t, "MatMul") for t in node.inputs):
+                    graph.cleanup(remove_unused_graph_inputs=False)  # drop emptied nodes before inference
                     facts = gu.infer_types(model.to_proto())
                 done = facts is not None and _matmul_add_to_gemm(graph, node, consumers, facts) and "gemm_fused"
             elif node.op == "Transpose" and self.config.transposes:
@@ -147,6 +156,71 @@ def _fold_batchnorm(graph, bn: gs.Node, consumers) -> bool:
     bn.outputs.clear()
     conv.outputs[0] = out
     return True
+
+
+def _fold_into_conv(graph, node: gs.Node, consumers) -> bool:
+    """Add/Mul of a per-output-channel constant after a Conv -> the Conv's bias/weights."""
+    if graph.opset < 7 and node.attrs.get("broadcast", 0):
+        return False  # opset < 7 broadcasting rules (axis attribute) are not worth handling
+    for index in (0, 1):
+        y, c_tensor = node.inputs[index], node.inputs[1 - index]
+        conv = _producer(y, "Conv")
+        c = _const(graph, c_tensor)
+        if conv is None or c is None or len(conv.outputs) != 1 or not _only_feeds(graph, y, node, consumers):
+            continue
+        weight = _const(graph, conv.inputs[1])
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2].name != ""
+        bias = _const(graph, conv.inputs[2]) if has_bias else None
+        if weight is None or (has_bias and bias is None) or weight.dtype.kind != "f" or c.dtype != weight.dtype:
+            continue
+        channels, rank = weight.shape[0], weight.ndim  # the output has the weight's rank
+        padded = (1,) * (rank - c.ndim) + c.shape
+        if c.ndim > rank or padded[0] != 1 or padded[1] not in (1, channels) or any(d != 1 for d in padded[2:]):
+            continue  # anything but one value per channel (or one in all) would change the shape
+        per_channel = np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
+        b = bias.astype(np.float64) if has_bias else np.zeros(channels)
+        if node.op == "Add":
+            new_b = b + per_channel
+        else:
+            w = weight.astype(np.float64) * per_channel.reshape((-1,) + (1,) * (rank - 1))
+            conv.inputs[1] = _new_const(graph, conv.inputs[1].name + "_scaled", w.astype(weight.dtype))
+            new_b = b * per_channel
+        bias_const = _new_const(graph, (conv.name or "conv") + "_bias", new_b.astype(weight.dtype))
+        if has_bias:
+            conv.inputs[2] = bias_const
+        else:
+            conv.inputs.append(bias_const)
+        out = node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        conv.outputs[0] = out
+        return True
+    return False
+
+
+def _merge_constant_chain(graph, second: gs.Node, consumers) -> bool:
+    """op(op(x, c1), c2) -> op(x, c1 op c2) for Mul and Add with constant c1, c2 (opset >= 7 broadcasting)."""
+    if graph.opset < 7:
+        return False
+    for index in (0, 1):
+        inner, c2_tensor = second.inputs[index], second.inputs[1 - index]
+        first = _producer(inner, second.op)
+        c2 = _const(graph, c2_tensor)
+        if first is None or c2 is None or not _only_feeds(graph, inner, second, consumers):
+            continue
+        consts = [(i, _const(graph, t)) for i, t in enumerate(first.inputs)]
+        known = [(i, c) for i, c in consts if c is not None]
+        if len(known) != 1 or known[0][1].dtype != c2.dtype or c2.dtype.kind != "f":
+            continue
+        c1_index, c1 = known[0]
+        merged = c1 * c2 if second.op == "Mul" else c1 + c2
+        first.inputs[c1_index] = _new_const(graph, f"{second.op.lower()}_merged", merged.astype(c2.dtype))
+        out = second.outputs[0]
+        second.inputs.clear()
+        second.outputs.clear()
+        first.outputs[0] = out
+        return True
+    return False
 
 
 def _matmul_add_to_gemm(graph, add: gs.Node, consumers, facts) -> bool:

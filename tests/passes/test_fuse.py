@@ -146,3 +146,59 @@ def test_fold_cleanup_fuse_shrinks_a_real_model_and_keeps_its_outputs_within_1e_
         a = make_session(reference, "cpu").run(None, feeds)
         b = make_session(result.model, "cpu").run(None, feeds)
         assert all(np.allclose(x, y, rtol=0, atol=1e-5) for x, y in zip(a, b))
+
+
+CONV_AFFINE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 2, 5, 5] x) => (float[1, 3, 5, 5] y) {
+    c = Conv<pads = [1, 1, 1, 1]>(x, w)
+    a = Add(c, shift)
+    y = Mul(scale, a)
+}
+"""
+
+
+def _conv_affine_model(shift_shape=(3, 1, 1)):
+    proto = onnx.parser.parse_model(CONV_AFFINE)
+    rng = np.random.default_rng(0)
+    for name, value in (("w", rng.standard_normal((3, 2, 3, 3))), ("shift", rng.standard_normal(shift_shape)),
+                        ("scale", rng.standard_normal((1, 3, 1, 1)))):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+    return proto
+
+
+def test_fuse_folds_per_channel_add_and_mul_after_a_conv_into_its_bias_and_weights():
+    proto = _conv_affine_model()
+    model = onnxcomp.load(proto)
+    result = Fuse().run(model, PassContext())
+    assert result.changed and result.stats == {"conv_add_folded": 1, "conv_mul_folded": 1}
+    assert [n.op for n in model.graph.nodes] == ["Conv"]
+    assert onnxcomp.validate(proto, model, tolerance=onnxcomp.Tolerance(atol=1e-5, rtol=1e-5)).passed
+
+
+def test_fuse_leaves_an_add_that_is_not_per_channel():
+    model = onnxcomp.load(_conv_affine_model(shift_shape=(1, 3, 5, 5)))
+    result = Fuse().run(model, PassContext())
+    assert result.stats.get("conv_add_folded") is None
+    assert [n.op for n in model.graph.nodes] == ["Conv", "Add", "Mul"]
+    assert not result.changed
+
+
+MUL_CHAIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 3] x) => (float[2, 3] y) {
+    a = Mul(x, k1)
+    y = Mul(k2, a)
+}
+"""
+
+
+def test_fuse_merges_a_chain_of_constant_multiplications():
+    proto = onnx.parser.parse_model(MUL_CHAIN)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(np.float32(0.5), "k1"),
+                                    onnx.numpy_helper.from_array(np.arange(3, dtype=np.float32), "k2")])
+    model = onnxcomp.load(proto)
+    result = Fuse().run(model, PassContext())
+    assert result.stats == {"mul_chains_merged": 1}
+    assert [n.op for n in model.graph.nodes] == ["Mul"]
+    assert onnxcomp.validate(proto, model, tolerance=onnxcomp.Tolerance(atol=1e-6, rtol=1e-6)).passed
