@@ -70,7 +70,7 @@ def prune_copy(layer: hs.WeightLayer, sparsity: float, saliency: str, hessian: n
         out = np.empty_like(rows)
         for g in range(len(rows)):
             share = int(round(count * (g + 1) / len(rows))) - int(round(count * g / len(rows)))
-            out[g] = hs.sparsegpt(rows[g], hessian[g], share, damp=damp)
+            out[g] = hs.sparsegpt(rows[g], hessian[g], share, percdamp=damp)
     else:
         out = np.where(hs.magnitude_mask(rows, count), 0.0, rows)
     return layer.from_rows(out).astype(w.dtype)
@@ -81,19 +81,28 @@ def measure(model, layers: list[hs.WeightLayer], feeds, saliency: str = "magnitu
             sparsities: tuple[float, ...] = DEFAULT_GRID, eval_samples: int = EVAL_SAMPLES
             ) -> dict[str, list[tuple[float, float]]]:
     """{weight name: [(sparsity, output error), ...]} with (0, 0) first."""
-    from onnxcomp.runtime import run
-
     if saliency == "hessian" and not hessians:
         hessians = hs.layer_hessians(model, layers, feeds, samples)
     evaluation = [f for _, f in zip(range(min(samples, eval_samples)), feeds)]
     session = _override_session(model, [layer.name for layer in layers])
-    reference = [run(session, f) for f in evaluation]
+    names = [o.name for o in session.get_outputs()]
+    inputs = {i.name for i in session.get_inputs()}
+
+    def run(feed):  # ORT lists overridable initializers apart from inputs: feed them directly
+        values = session.run(names, {k: v for k, v in feed.items() if k in inputs or k in overridable})
+        return dict(zip(names, values))
+
+    overridable = {i.name for i in session.get_overridable_initializers()}
+    missing = [layer.name for layer in layers if layer.name not in overridable]
+    if missing:
+        raise RuntimeError(f"onnxruntime does not let {missing[0]} be overridden")
+    reference = [run(f) for f in evaluation]
     table: dict[str, list[tuple[float, float]]] = {}
     for layer in layers:
         points = [(0.0, 0.0)]
         for s in sorted(set(sparsities)):
             w = prune_copy(layer, s, saliency, (hessians or {}).get(layer.name), damp)
-            outs = [run(session, {**f, layer.name: w}) for f in evaluation]
+            outs = [run({**f, layer.name: w}) for f in evaluation]
             points.append((float(s), output_error(reference, outs)))
         table[layer.name] = points
     return table
