@@ -104,7 +104,7 @@ class Quantize(Pass):
             "calibrator": cfg.calibrator,
             "quantized_nodes": len(plan.nodes),
             "quantized_anchors": len(plan.anchors()),
-            "float_anchors": len([n for n in plan.skipped]),
+            "skipped_nodes": len(plan.skipped),
             "activations_quantized": len(inserted.activations),
             "weights_quantized": inserted.weights,
             "biases_quantized": inserted.biases,
