@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 
 
-def _static_proto(model) -> onnx.ModelProto:
+def _static_proto(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+    """A copy with static input shapes (from `input_shapes`, else symbolic dims set to 1), inferred."""
     from onnxcomp.model import Model
 
     proto = model.to_proto() if isinstance(model, Model) else model
@@ -20,6 +21,12 @@ def _static_proto(model) -> onnx.ModelProto:
     inits = {i.name for i in copy.graph.initializer}
     for inp in copy.graph.input:
         if inp.name in inits:
+            continue
+        given = (input_shapes or {}).get(inp.name)
+        if given is not None and len(given) == len(inp.type.tensor_type.shape.dim):
+            for dim, value in zip(inp.type.tensor_type.shape.dim, given):
+                dim.Clear()
+                dim.dim_value = int(value)
             continue
         for dim in inp.type.tensor_type.shape.dim:
             if not dim.HasField("dim_value"):
@@ -41,9 +48,9 @@ def _shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def count(model) -> dict[str, float]:
-    """{'macs', 'flops', 'params', 'unknown'} per sample (batch 1)."""
-    proto = _static_proto(model)
+def count(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, float]:
+    """{'macs', 'flops', 'params', 'unknown'} for inputs of `input_shapes` (default: dynamic dims = 1)."""
+    proto = _static_proto(model, input_shapes)
     shapes = _shapes(proto)
     macs, unknown = 0, 0
     for node in proto.graph.node:

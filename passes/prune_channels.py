@@ -291,8 +291,11 @@ class PruneChannels(Pass):
         import fnmatch
 
         cfg = self.config
-        before = flops.count(model)
-        shapes = flops._shapes(flops._static_proto(model))
+        data = ctx.calibration or ctx.evaluation
+        sample = next(iter(data), None) if data is not None else None
+        input_shapes = {k: tuple(np.shape(v)) for k, v in sample.items()} if sample else None
+        before = flops.count(model, input_shapes)
+        shapes = flops._shapes(flops._static_proto(model, input_shapes))
         plan = analyse(model, shapes)
         roots: dict[int, list[int]] = {}
         for g in plan.size:
@@ -338,7 +341,7 @@ class PruneChannels(Pass):
             if isinstance(t, gs.Variable) and t not in model.graph.inputs and t not in model.graph.outputs:
                 t.shape = None
         model.graph.cleanup()
-        after = flops.count(model)
+        after = flops.count(model, input_shapes)
         return PassResult(True, {
             "groups": total_groups, "groups_pruned": len(keep), "channels_removed": removed,
             "flops_before": before["flops"], "flops_after": after["flops"],

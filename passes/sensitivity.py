@@ -25,7 +25,7 @@ from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.registry import register
 
 DEFAULT_GRID = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
-EVAL_SAMPLES = 32
+EVAL_SAMPLES = 16
 
 
 def cache_key(saliency: str, samples: int, layers) -> str:
@@ -164,7 +164,7 @@ class Sensitivity(Pass):
     class Config:
         sparsities: tuple[float, ...] = param(DEFAULT_GRID, "sparsities tried on every layer")
         saliency: str = param("magnitude", "how each layer is pruned", choices=("magnitude", "hessian"))
-        samples: int = param(128, "calibration samples (the first 32 measure the error)", min=1)
+        samples: int = param(128, "calibration samples (the first 16 measure the error)", min=1)
         min_params: int = param(0, "skip weight tensors with fewer elements", min=0)
         include: tuple[str, ...] = param((), "only these node/initializer names (fnmatch patterns)")
         exclude: tuple[str, ...] = param((), "never these node/initializer names (fnmatch patterns)")
