@@ -41,7 +41,7 @@ def baseline(path: Path, sparsity: float) -> onnx.ModelProto:
     for init in proto.graph.initializer:
         if init.name in weights and init.data_type == onnx.TensorProto.FLOAT:
             w = onnx.numpy_helper.to_array(init).copy()
-            k = int(round(sparsity * w.size))
+            k = round(sparsity * w.size)
             if k:
                 flat = w.ravel()
                 flat[np.argpartition(np.abs(flat), k - 1)[:k]] = 0
@@ -89,14 +89,14 @@ def quality_rows(quick: bool) -> list[dict]:
         metric = METRIC[name]
         calibration = entry.calibration(128 if name == "digits_cnn" else None)
         dense = entry.evaluate(entry.path)[metric]
-        rows.append(dict(model=name, method="dense", sparsity=0.0, measured=0.0, metric=metric, value=dense, seconds=0.0))
+        rows.append({"model": name, "method": "dense", "sparsity": 0.0, "measured": 0.0, "metric": metric, "value": dense, "seconds": 0.0})
         # one context for scope=auto: the sensitivity table is measured once per model
         auto_ctx = PassContext(calibration=onnxcomp.CalibrationData(calibration, name))
         for s in sparsities:
             t0 = time.perf_counter()
             proto = baseline(entry.path, s)
-            rows.append(dict(model=name, method="baseline", sparsity=s, measured=measured_sparsity(proto), metric=metric,
-                             value=entry.evaluate(proto)[metric], seconds=time.perf_counter() - t0))
+            rows.append({"model": name, "method": "baseline", "sparsity": s, "measured": measured_sparsity(proto), "metric": metric,
+                             "value": entry.evaluate(proto)[metric], "seconds": time.perf_counter() - t0})
             methods = {"magnitude": f"prune(sparsity={s})", "global": f"prune(sparsity={s}, scope=global)",
                        "hessian": f"prune(sparsity={s}, saliency=hessian)", "auto": f"prune(sparsity={s}, scope=auto)",
                        "hessian_global": f"prune(sparsity={s}, scope=global, saliency=hessian)"}
@@ -112,9 +112,9 @@ def quality_rows(quick: bool) -> list[dict]:
                 measured = measured_sparsity(proto, set(stats["per_tensor"]))
                 if abs(measured - stats["sparsity"]) > 1e-12:
                     raise AssertionError(f"{spec}: reported sparsity {stats['sparsity']} but measured {measured}")
-                row = dict(model=name, method=method, sparsity=s, reported=stats["sparsity"], measured=measured,
-                           metric=metric,
-                           value=entry.evaluate(proto)[metric], seconds=seconds, spec=spec)
+                row = {"model": name, "method": method, "sparsity": s, "reported": stats["sparsity"], "measured": measured,
+                           "metric": metric,
+                           "value": entry.evaluate(proto)[metric], "seconds": seconds, "spec": spec}
                 rows.append(row)
                 print(f"{name:10s} {method:9s} {s:.1f}  {metric}={row['value']:.4f}  ({seconds:.1f}s)", flush=True)
     return rows
@@ -139,24 +139,24 @@ def channel_rows(quick: bool) -> list[dict]:
             models[label] = proto
             convs = [tuple(init.dims) for init in proto.graph.initializer
                      if init.name in {n.input[1] for n in proto.graph.node if n.op_type == "Conv"}]
-            info[label] = dict(stats=stats, seconds=seconds, value=entry.evaluate(proto)[metric],
-                               conv_out_channels=int(sum(c[0] for c in convs)))
+            info[label] = {"stats": stats, "seconds": seconds, "value": entry.evaluate(proto)[metric],
+                               "conv_out_channels": int(sum(c[0] for c in convs))}
         dense_convs = int(sum(init.dims[0] for init in models["dense"].graph.initializer
                               if init.name in {n.input[1] for n in models["dense"].graph.node if n.op_type == "Conv"}))
         feed = entry.latency_feed()
         latency = {t: interleaved_latency_ms(models, feed, threads=t, rounds=3 if quick else 5)
                    for t in (1, None)}
-        for label in specs:
+        for label, spec in specs.items():
             st = info[label]["stats"]
-            rows.append(dict(model=name, spec=specs[label], label=label, metric=metric, value=info[label]["value"],
-                             dense_value=entry.evaluate(entry.path)[metric],
-                             flops_before=st["flops_before"], flops_after=st["flops_after"],
-                             params_before=st["params_before"], params_after=st["params_after"],
-                             conv_channels_before=dense_convs, conv_channels_after=info[label]["conv_out_channels"],
-                             speedup_1thread=latency[1]["dense"] / latency[1][label],
-                             speedup_default=latency[None]["dense"] / latency[None][label],
-                             ms_dense_1thread=latency[1]["dense"], ms_pruned_1thread=latency[1][label],
-                             seconds=info[label]["seconds"]))
+            rows.append({"model": name, "spec": spec, "label": label, "metric": metric, "value": info[label]["value"],
+                             "dense_value": entry.evaluate(entry.path)[metric],
+                             "flops_before": st["flops_before"], "flops_after": st["flops_after"],
+                             "params_before": st["params_before"], "params_after": st["params_after"],
+                             "conv_channels_before": dense_convs, "conv_channels_after": info[label]["conv_out_channels"],
+                             "speedup_1thread": latency[1]["dense"] / latency[1][label],
+                             "speedup_default": latency[None]["dense"] / latency[None][label],
+                             "ms_dense_1thread": latency[1]["dense"], "ms_pruned_1thread": latency[1][label],
+                             "seconds": info[label]["seconds"]})
             print(f"{name:10s} {label:12s} {metric}={rows[-1]['value']:.4f} speedup x{rows[-1]['speedup_1thread']:.2f} "
                   f"(1 thread) x{rows[-1]['speedup_default']:.2f} (default)", flush=True)
     return rows
@@ -203,9 +203,9 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
     md = ["# Pruning (no fine-tuning)", ""]
     if quality:
         md += ["## Quality after unstructured pruning", "",
-               "baseline = per-tensor magnitude written with numpy (the anchor); magnitude/global/hessian/auto = "
+               ("baseline = per-tensor magnitude written with numpy (the anchor); magnitude/global/hessian/auto = "
                "`prune(...)` (specs in pruning.json). Metric: digits test accuracy, MiniLM sentence-embedding "
-               "cosine vs fp32, Ultraface output cosine vs fp32.", ""]
+               "cosine vs fp32, Ultraface output cosine vs fp32."), ""]
         header = ["model", "sparsity", "dense", "baseline", "magnitude", "global", "hessian", "hessian_global", "auto"]
         table = []
         for name in dict.fromkeys(r["model"] for r in quality):

@@ -21,8 +21,8 @@ activations are ever held for more than one calibration batch.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -408,7 +408,7 @@ def sparsegpt(w: np.ndarray, h: np.ndarray, prune_count: int = 0, n: int = 0, m:
         d = np.diag(u1)
         mask = np.zeros(w1.shape, dtype=bool)
         if not m:
-            k = int(round(total * i2 / cols)) - int(round(total * i1 / cols))
+            k = round(total * i2 / cols) - round(total * i1 / cols)
             if k > 0:
                 score = (w1 ** 2 / (d[None, :] ** 2)).ravel()
                 mask.flat[np.argpartition(score, k - 1)[:k]] = True

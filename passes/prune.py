@@ -142,7 +142,7 @@ class Prune(Pass):
         if cfg.pattern:
             return {}
         if cfg.scope == "layer":
-            return {layer.name: int(round(cfg.sparsity * layer.size)) for layer in layers}
+            return {layer.name: round(cfg.sparsity * layer.size) for layer in layers}
         caps = {layer.name: int(np.floor(cfg.max_layer_sparsity * layer.size)) for layer in layers}
         if cfg.scope == "global":
             scores = {}
@@ -154,11 +154,9 @@ class Prune(Pass):
                                                    for g in range(len(rows))])
                 else:
                     scores[layer.name] = np.abs(w)
-            total = int(round(cfg.sparsity * sum(layer.size for layer in layers)))
+            total = round(cfg.sparsity * sum(layer.size for layer in layers))
             return allocate_global(scores, total, caps)
-        from onnxcomp.passes.sensitivity import allocate, measure
-
-        from onnxcomp.passes.sensitivity import cache_key
+        from onnxcomp.passes.sensitivity import allocate, cache_key, measure
 
         table = ctx.analysis(cache_key(cfg.saliency, cfg.samples, layers),
                              lambda: measure(model, layers, feeds, saliency=cfg.saliency, samples=cfg.samples,
@@ -166,7 +164,7 @@ class Prune(Pass):
         chosen = allocate(table, {x.name: x.size for x in layers}, cfg.sparsity,
                           cfg.max_error or None, cfg.max_layer_sparsity)
         ctx.note("prune(scope=auto): per-layer sparsity " + ", ".join(f"{k}={v:.2f}" for k, v in chosen.items()))
-        return {x.name: min(caps[x.name], int(round(chosen[x.name] * x.size))) for x in layers}
+        return {x.name: min(caps[x.name], round(chosen[x.name] * x.size)) for x in layers}
 
     # ---- SparseGPT ------------------------------------------------------------------------
     def _prune_hessian(self, model, layers, counts, n, m, feeds, dense_h) -> None:
@@ -188,7 +186,7 @@ class Prune(Pass):
                 total = counts.get(layer.name, 0)
                 out = np.empty_like(rows)
                 for g in range(len(rows)):
-                    share = int(round(total * (g + 1) / len(rows))) - int(round(total * g / len(rows)))
+                    share = round(total * (g + 1) / len(rows)) - round(total * g / len(rows))
                     out[g] = hs.sparsegpt(rows[g], hessians[layer.name][g], share, n, m,
                                           cfg.block_size, cfg.damp)
                 layer.weight.values = layer.from_rows(out).astype(w.dtype)

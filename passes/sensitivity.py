@@ -15,6 +15,7 @@ and leaves the result in the context for a later `prune(scope=auto)` with the sa
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +50,7 @@ def _override_session(model, names: list[str]):
     from onnxcomp.runtime import make_session
 
     proto = model.to_proto()
-    if proto.ir_version < 4:
-        proto.ir_version = 4  # IR >= 4: initializers listed as inputs are overridable defaults
+    proto.ir_version = max(proto.ir_version, 4)  # IR >= 4: initializers listed as inputs are overridable defaults
     listed = {i.name for i in proto.graph.input}
     inits = {t.name: t for t in proto.graph.initializer}
     for name in names:
@@ -64,12 +64,12 @@ def prune_copy(layer: hs.WeightLayer, sparsity: float, saliency: str, hessian: n
                damp: float = 0.01) -> np.ndarray:
     """The layer's weight pruned to `sparsity` (not written back)."""
     w = np.asarray(layer.weight.values)
-    count = int(round(sparsity * w.size))
+    count = round(sparsity * w.size)
     rows = layer.to_rows(w.astype(np.float64))
     if saliency == "hessian" and hessian is not None:
         out = np.empty_like(rows)
         for g in range(len(rows)):
-            share = int(round(count * (g + 1) / len(rows))) - int(round(count * g / len(rows)))
+            share = round(count * (g + 1) / len(rows)) - round(count * g / len(rows))
             out[g] = hs.sparsegpt(rows[g], hessian[g], share, percdamp=damp)
     else:
         out = np.where(hs.magnitude_mask(rows, count), 0.0, rows)
@@ -128,7 +128,7 @@ def allocate(table: dict[str, list[tuple[float, float]]], sizes: dict[str, int],
     for order, (name, points) in enumerate(table.items()):
         pts = [(s * sizes[name], e) for s, e in points if s <= cap + 1e-12]
         hull = _lower_hull(pts)
-        for (x1, y1), (x2, y2) in zip(hull, hull[1:]):
+        for (x1, y1), (x2, y2) in itertools.pairwise(hull):
             if x2 > x1:
                 steps.append(((y2 - y1) / (x2 - x1), order, name, x1, x2, y1, y2))
     steps.sort(key=lambda s: (s[0], s[1], s[3]))

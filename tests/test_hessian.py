@@ -11,10 +11,10 @@ from onnxcomp.model import Model
 from onnxcomp.runtime import make_session, run
 
 CONV_CASES = [
-    dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=1),
-    dict(strides=[2, 2], pads=[0, 1, 2, 1], dilations=[1, 1], group=1),
-    dict(strides=[1, 2], pads=[2, 2, 2, 2], dilations=[2, 2], group=2),
-    dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=4),  # depthwise
+    {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 1},
+    {"strides": [2, 2], "pads": [0, 1, 2, 1], "dilations": [1, 1], "group": 1},
+    {"strides": [1, 2], "pads": [2, 2, 2, 2], "dilations": [2, 2], "group": 2},
+    {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 4},  # depthwise
 ]
 
 
@@ -76,7 +76,7 @@ def test_sparsegpt_output_error_is_lower_than_magnitude_pruning():
     k = w.size // 2
     obs = hs.sparsegpt(w, h, prune_count=k)
     mag = np.where(hs.magnitude_mask(w[None], k)[0], 0.0, w)
-    err = lambda v: np.sum((x @ (v - w).T) ** 2)  # noqa: E731
+    err = lambda v: np.sum((x @ (v - w).T) ** 2)
     assert err(obs) < 0.5 * err(mag)
 
 
@@ -101,7 +101,7 @@ def test_bias_and_batchnorm_parameters_are_not_weight_layers():
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[1,2,4,4] x) => (float[1,3,4,4] z) { y = Conv(x, w, b)  z = BatchNormalization(y, s, o, m, v) }"""
     proto = onnx.parser.parse_model(text)
-    for name, shape in dict(w=(3, 2, 1, 1), b=(3,), s=(3,), o=(3,), m=(3,), v=(3,)).items():
+    for name, shape in {"w": (3, 2, 1, 1), "b": (3,), "s": (3,), "o": (3,), "m": (3,), "v": (3,)}.items():
         proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(shape, np.float32), name))
     model = Model.from_proto(proto)
     assert [layer.name for layer in hs.find_weight_layers(model)] == ["w"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxcomp.passes.prune import Prune
 
 import onnxcomp
 from onnxcomp.context import PassContext
 from onnxcomp.errors import PassError, SpecError
 from onnxcomp.model import Model
-from onnxcomp.passes.prune import Prune
 from onnxcomp.runtime import make_session, run
 
 TEXT = """<ir_version: 8, opset_import: ["" : 17]>
@@ -26,7 +26,7 @@ g (float[2,4,8,8] x) => (float[2,16] out) {
   s = ReduceMean <keepdims = 0> (wx)
   out = Add(t, s)
 }"""
-SHAPES = dict(wc=(8, 4, 3, 3), bc=(8,), wg=(16, 8), bg=(16,), ws=(16, 16), wx=(16, 16))
+SHAPES = {"wc": (8, 4, 3, 3), "bc": (8,), "wg": (16, 8), "bg": (16,), "ws": (16, 16), "wx": (16, 16)}
 
 
 def _model(text=TEXT, shapes=SHAPES, seed=0, scale=None) -> Model:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxcomp.passes.prune_channels import PruneChannels
 
 import onnxcomp
 from onnxcomp.context import PassContext
 from onnxcomp.errors import SpecError
 from onnxcomp.model import Model
-from onnxcomp.passes.prune_channels import PruneChannels
 from onnxcomp.runtime import make_session, run
 
 
@@ -54,7 +54,7 @@ def _named(model: Model) -> Model:
 
 
 def test_a_residual_add_prunes_both_branches_with_the_same_channels():
-    original = _named(_model(RESIDUAL, dict(wa=(8, 4, 3, 3), wb=(8, 8, 3, 3), wc=(3, 8, 1, 1))))
+    original = _named(_model(RESIDUAL, {"wa": (8, 4, 3, 3), "wb": (8, 8, 3, 3), "wc": (3, 8, 1, 1)}))
     wa, wb = _w(original, "a"), _w(original, "b")
     model = original.copy()
     result = PruneChannels(sparsity=0.5).run(model, PassContext())
@@ -74,14 +74,14 @@ def test_a_residual_add_prunes_both_branches_with_the_same_channels():
 
 
 def test_channels_reaching_a_graph_output_are_never_pruned():
-    model = _named(_model("out = Conv(x, wa)", dict(wa=(8, 4, 1, 1))))
+    model = _named(_model("out = Conv(x, wa)", {"wa": (8, 4, 1, 1)}))
     result = PruneChannels(sparsity=0.5).run(model, PassContext())
     assert result.changed is False and _w(model, "out").shape == (8, 4, 1, 1)
 
 
 def test_channels_reaching_an_unknown_op_are_left_alone():
     body = "a = Conv(x, wa)  t = Transpose <perm = [0, 2, 3, 1]> (a)  out = MatMul(t, wm)"
-    model = _named(_model(body, dict(wa=(8, 4, 1, 1), wm=(8, 2))))
+    model = _named(_model(body, {"wa": (8, 4, 1, 1), "wm": (8, 2)}))
     assert PruneChannels(sparsity=0.5).run(model, PassContext()).changed is False
 
 
@@ -93,7 +93,7 @@ def test_concat_and_batchnorm_and_bias_follow_the_kept_channels():
       c = Concat <axis = 1> (an, b)
       out = Conv(c, wc)
     """
-    shapes = dict(wa=(4, 4, 1, 1), ba=(4,), s=(4,), o=(4,), m=(4,), v=(4,), wb=(6, 4, 1, 1), wc=(5, 10, 1, 1))
+    shapes = {"wa": (4, 4, 1, 1), "ba": (4,), "s": (4,), "o": (4,), "m": (4,), "v": (4,), "wb": (6, 4, 1, 1), "wc": (5, 10, 1, 1)}
     model = _named(_model(body, shapes))
     proto = model.to_proto()
     for init in proto.graph.initializer:  # a valid variance
@@ -114,7 +114,7 @@ def test_a_depthwise_conv_is_sliced_along_with_its_input_channels():
       d = Conv <group = 8, pads = [1, 1, 1, 1]> (a, wd, bd)
       out = Conv(d, wc)
     """
-    model = _named(_model(body, dict(wa=(8, 4, 1, 1), wd=(8, 1, 3, 3), bd=(8,), wc=(3, 8, 1, 1))))
+    model = _named(_model(body, {"wa": (8, 4, 1, 1), "wd": (8, 1, 3, 3), "bd": (8,), "wc": (3, 8, 1, 1)}))
     PruneChannels(sparsity=0.5).run(model, PassContext())
     depthwise = next(n for n in model.graph.nodes if n.attrs.get("group", 1) > 1)
     assert depthwise.attrs["group"] == 4 and tuple(depthwise.inputs[1].shape) == (4, 1, 3, 3)

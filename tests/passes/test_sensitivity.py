@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnxcomp.passes.sensitivity import Sensitivity, allocate, measure
 
 import onnxcomp
 from onnxcomp import hessian as hs
 from onnxcomp.context import PassContext
-from onnxcomp.passes.sensitivity import Sensitivity, allocate, measure
 
 
 @pytest.fixture(scope="module")
