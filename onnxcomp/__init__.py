@@ -18,6 +18,13 @@ from onnxcomp.report import Report
 from onnxcomp.validate import ValidationReport, generate_inputs, validate
 
 
+def session(packed, providers=("cpu",), sess_options=None):
+    """An ORT InferenceSession straight from a packed .onnxc file or its bytes (nothing unpacked to disk)."""
+    from onnxcomp.container import session as packed_session
+
+    return packed_session(packed, providers=providers, sess_options=sess_options)
+
+
 def export(module, example_inputs, path=None, **options):
     """Export a torch module to ONNX, verified on ORT (see onnxcomp.torch_export.export)."""
     from onnxcomp.torch_export import export as torch_export
@@ -31,5 +38,5 @@ __all__ = [
     "CalibrationData", "GateFailed", "ImagePreprocess", "InputError", "Model", "OnnxcompError",
     "OptimizeResult", "OutputError", "Pass", "PassContext", "PassError", "PassResult", "Pipeline",
     "PipelineResult", "Report", "SpecError", "Tolerance", "ValidationReport", "all_passes", "export",
-    "generate_inputs", "inspect", "load", "optimize", "param", "register", "save", "validate",
+    "generate_inputs", "inspect", "load", "optimize", "param", "register", "save", "session", "validate",
 ]

@@ -245,6 +245,42 @@ def list_passes(presets: bool = typer.Option(False, "--presets", help="List the 
     out.print(table)
 
 
+@app.command()
+def pack(
+    model: Path = typer.Argument(..., help="Input .onnx model."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output packed file (.onnxc)."),
+    coder: str = typer.Option("auto", "--coder", help="auto (smallest per tensor), rans, huffman, zstd or raw."),
+    force: bool = typer.Option(False, "--force", help="Allow writing over the input file."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Entropy-code the weights into a packed .onnxc file that loads straight into ORT, bit-exact."""
+    from onnxcomp import container
+
+    _check_output_path(output, model, force)
+    with err.status("packing…"):
+        stats = container.pack(model, output, coder)
+    if as_json:
+        print(json.dumps({k: v for k, v in stats.items() if k != "per_tensor"}, indent=2, default=str))
+        return
+    ratio = stats["input_bytes"] / stats["packed_bytes"] if stats.get("packed_bytes") else 0
+    out.print(f"wrote {output}: {stats['input_bytes']:,} → {stats['packed_bytes']:,} bytes ({ratio:.2f}×)")
+
+
+@app.command()
+def unpack(
+    packed: Path = typer.Argument(..., help="Packed .onnxc file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx model."),
+    force: bool = typer.Option(False, "--force", help="Allow writing over the input file."),
+):
+    """Decode a packed .onnxc file back to the original .onnx model (initializers bit-identical)."""
+    from onnxcomp import container
+
+    _check_output_path(output, packed, force)
+    with err.status("unpacking…"):
+        container.unpack(packed, output)
+    out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
+
+
 export_app = typer.Typer(no_args_is_help=True, help="Export a model from a training framework to ONNX, verified on ORT.")
 app.add_typer(export_app, name="export")
 
