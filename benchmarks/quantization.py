@@ -7,6 +7,9 @@ to quantize, and the failure message of any variant that fails.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import tempfile
 import time
 import traceback
@@ -35,6 +38,18 @@ def _ours(spec: str):
     return make
 
 
+@contextlib.contextmanager
+def _in_folder(folder):
+    """ORT's quantizer writes temporary files (sym_shape_infer_temp.onnx, <uuid>.data) into the
+    current folder: run it inside a temporary one so nothing lands in the repository."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 class _Reader:
     def __init__(self, feeds):
         self.feeds = iter(feeds)
@@ -48,7 +63,7 @@ def _ort_static(per_channel: bool, method: str = "MinMax"):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _in_folder(tmp):
             pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "q.onnx"
             try:
                 quant_pre_process(str(entry.path), str(pre))
@@ -64,7 +79,7 @@ def _ort_static(per_channel: bool, method: str = "MinMax"):
 def _ort_dynamic(entry, cal, ev):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _in_folder(tmp):
         out = Path(tmp) / "q.onnx"
         quantize_dynamic(str(entry.path), str(out), per_channel=True, weight_type=QuantType.QInt8)
         return onnx.load(str(out)), {}
