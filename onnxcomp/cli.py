@@ -86,6 +86,8 @@ def optimize(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input file (only once complete)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare the result with the input on ORT."),
+    require_speedup: bool = typer.Option(False, "--require-speedup",
+                                         help="Fail when a quantized model is slower than the float one."),
 ):
     """Run a pipeline of passes over MODEL and write the result to OUTPUT."""
     from onnxcomp.api import optimize as run_optimize
@@ -99,6 +101,8 @@ def optimize(
     _check_output_path(output, model, force)
     spec = Pipeline.parse(pipeline if pipeline is not None else preset_spec(preset),
                           verify_each=verify_each, on_failure=on_failure)
+    if require_speedup:
+        spec.passes = [p.with_params(require_speedup=True) if p.name == "quantize" else p for p in spec.passes]
     with err.status("loading…") as status:
         def progress(step: str, fraction: float) -> None:
             status.update(f"[{fraction:4.0%}] {step}")

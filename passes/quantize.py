@@ -53,6 +53,13 @@ class Quantize(Pass):
         latency_check: bool = param(True, "time the quantized model against the float one on the target EP")
         require_speedup: bool = param(False, "fail when the quantized model is slower than the float one")
 
+    def backoff(self):
+        """For the accuracy gate: keep more nodes in float (a tighter fallback tolerance each time)."""
+        current = self.config.max_error
+        if current is not None and current <= 1e-4:
+            return None
+        return self.with_params(max_error=0.01 if current is None else current / 4)
+
     def run(self, model: Model, ctx) -> PassResult:
         cfg = self.config
         started = time.perf_counter()

@@ -48,6 +48,14 @@ class QuantizeDynamic(Pass):
         reduce_range: bool | None = param(None, "7-bit weights for mode=dynamic, avoiding the int16 saturation of "
                                           "AVX2's u8*s8 kernels (default: on for x86 CPUs without VNNI)")
 
+    def backoff(self):
+        """For the accuracy gate: per-channel scales, then 8 bits; nothing weaker after that."""
+        if not self.config.per_channel:
+            return self.with_params(per_channel=True)
+        if self.config.bits == 4:
+            return self.with_params(bits=8)
+        return None
+
     def run(self, model: Model, ctx) -> PassResult:
         cfg = self.config
         started = time.perf_counter()
