@@ -101,7 +101,7 @@ def quality_rows(quick: bool) -> list[dict]:
                        "hessian": f"prune(sparsity={s}, saliency=hessian)", "auto": f"prune(sparsity={s}, scope=auto)",
                        "hessian_global": f"prune(sparsity={s}, scope=global, saliency=hessian)"}
             if name == "minilm":  # keep the run short: one capture pass instead of one per stage
-                methods["hessian_global"] += ", sequential=false"
+                methods["hessian_global"] = f"prune(sparsity={s}, scope=global, saliency=hessian, sequential=false)"
                 if quick:
                     methods["hessian"] = f"prune(sparsity={s}, saliency=hessian, sequential=false)"
             for method, spec in methods.items():
