@@ -1,7 +1,7 @@
 """Pruning: quality after unstructured pruning, and speed after structured channel pruning.
 
 Part 1, per model (digits CNN: test accuracy; MiniLM: sentence-embedding cosine vs fp32;
-Ultraface: output cosine vs fp32) and sparsity 0.5 / 0.7 / 0.9, no fine-tuning:
+Ultraface: face-probability cosine vs fp32, as in the anchors) and sparsity 0.5 / 0.7 / 0.9, no fine-tuning:
   baseline      the plain anchor: zero the smallest |w| of every Conv/Gemm/MatMul weight,
                 written here with numpy on the protobuf (no onnxcomp code)
   magnitude     prune(sparsity=s)                      one threshold per tensor
@@ -30,7 +30,7 @@ from benchmarks.common import RESULTS, interleaved_latency_ms, md_table, write_r
 from onnxcomp.context import PassContext
 from onnxcomp.pipeline import Pipeline
 
-METRIC = {"digits_cnn": "test_acc", "minilm": "cos_mean", "ultraface": "cos_mean", "resnet18": "cos_mean"}
+METRIC = {"digits_cnn": "test_acc", "minilm": "cos_mean", "ultraface": "face_prob_cos", "resnet18": "cos_mean"}
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -205,7 +205,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
         md += ["## Quality after unstructured pruning", "",
                ("baseline = per-tensor magnitude written with numpy (the anchor); magnitude/global/hessian/auto = "
                "`prune(...)` (specs in pruning.json). Metric: digits test accuracy, MiniLM sentence-embedding "
-               "cosine vs fp32, Ultraface output cosine vs fp32."), ""]
+               "cosine vs fp32, Ultraface face-probability cosine vs fp32 (as in the anchors)."), ""]
         header = ["model", "sparsity", "dense", "baseline", "magnitude", "global", "hessian", "hessian_global", "auto"]
         table = []
         for name in dict.fromkeys(r["model"] for r in quality):
