@@ -39,7 +39,7 @@ _USAGE = _exception_classes("ClickException")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="onnxcomp: optimize, prune, quantize and pack ONNX models, validated on ONNX Runtime.")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # pipes get whole table rows
 err = Console(stderr=True)
 
 
@@ -99,6 +99,11 @@ def optimize(
     if (pipeline is None) == (preset is None):
         raise SpecError("give exactly one of --pipeline or --preset")
     _check_output_path(output, model, force)
+    from onnxcomp.presets import NEEDS_GATE
+
+    if preset in NEEDS_GATE and max_drop is None and min_cosine is None and atol is None:
+        raise SpecError(f"--preset {preset} searches for the smallest model within a tolerance: "
+                        "give --max-drop, --min-cosine or --atol")
     spec = Pipeline.parse(pipeline if pipeline is not None else preset_spec(preset),
                           verify_each=verify_each, on_failure=on_failure)
     if require_speedup:

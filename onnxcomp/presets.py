@@ -6,7 +6,19 @@ from onnxcomp.errors import SpecError
 
 PRESETS: dict[str, tuple[str, str]] = {
     "lossless": ("fold, cleanup, fuse", "constant folding, clean-up and fusions; outputs unchanged"),
+    "int8": ("fold, cleanup, fuse, quantize(per_channel=true)",
+             "static int8 QDQ, per-channel, calibrated (needs --calibration)"),
+    "dynamic": ("fold, cleanup, fuse, quantize_dynamic",
+                "int8 weights, activations quantized at run time: transformers, MatMul-heavy models"),
+    "deep-compression": ("fold, cleanup, fuse, prune(sparsity=0.8, scope=global, saliency=hessian), "
+                         "codebook(bits=4), entropy",
+                         "Hessian pruning + 4-bit k-means codebooks + entropy coding (needs --calibration; "
+                         "write .onnxc)"),
+    "max": ("fold, cleanup, fuse, prune(sparsity=0.95, scope=global, saliency=hessian), codebook(bits=3), entropy",
+            "the most aggressive start, backed off by the accuracy gate until it holds "
+            "(needs --calibration and --max-drop/--min-cosine/--atol)"),
 }
+NEEDS_GATE = {"max"}
 
 
 def preset_spec(name: str) -> str:

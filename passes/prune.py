@@ -106,6 +106,14 @@ class Prune(Pass):
                 raise SpecError(f"prune: parameter ops = {unknown[0]!r} is not allowed "
                                 f"(choose from: {', '.join(hs.WEIGHT_OPS)})")
 
+    def backoff(self):
+        """For the accuracy gate: keep 1.5x as many weights each time (small steps near high
+        sparsity, where accuracy turns); an N:M pattern has one sparsity, so it becomes unstructured."""
+        sparsity = 1 - (1 - self.config.sparsity) * 1.5
+        if sparsity < 0.05:
+            return None
+        return self.with_params(sparsity=round(sparsity, 4), pattern="")
+
     def run(self, model, ctx) -> PassResult:
         cfg = self.config
         n, m = parse_pattern(cfg.pattern)

@@ -287,6 +287,11 @@ class PruneChannels(Pass):
         samples: int = param(64, "hessian: calibration samples used", min=1)
         damp: float = param(0.01, "hessian: dampening, a fraction of the mean Hessian diagonal", min=0.0, max=1.0)
 
+    def backoff(self):
+        """For the accuracy gate: remove fewer channels (a third fewer each time)."""
+        sparsity = self.config.sparsity * 2 / 3
+        return None if sparsity < 0.05 else self.with_params(sparsity=round(sparsity, 4))
+
     def run(self, model, ctx) -> PassResult:
         import fnmatch
 
