@@ -123,6 +123,9 @@ def optimize(
             raise GateFailed("the result is outside tolerance, nothing was written: "
                              + result.report.validation["summary"])
         status.update("saving…")
+        if getattr(result.model, "packing", None) and output.suffix != ".onnxc":
+            result.report.notes.append(f"the pipeline ends with entropy coding but {output.name} is not .onnxc: "
+                                       "the weights were saved unpacked")
         save(result.model, output, force=force, source=model)
     for path in report:
         if path.suffix == ".html":

@@ -51,6 +51,4 @@ class Entropy(Pass):
                 "choices": pack_stats["choices"],
             })
         model.packing = packing
-        if ctx is not None and previous is None:
-            ctx.note(f"entropy: save the result as .onnxc to get the packed file (coder={coder})")
         return PassResult(changed=previous != coder, stats=stats)
