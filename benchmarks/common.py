@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxcomp.runtime import interleaved_latency_ms  # noqa: F401 - the suites time models with it
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -27,40 +29,6 @@ def machine() -> dict[str, Any]:
     import os
 
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version()}
-
-
-def interleaved_latency_ms(models: dict[str, Any], feed: dict[str, np.ndarray], threads: int | None = 1,
-                           rounds: int = 5, min_runs: int = 10, round_seconds: float = 0.3,
-                           warmup: int = 10, provider: str = "cpu") -> dict[str, float]:
-    """Median latency (ms) per model, timed in interleaved rounds so drift hits all alike.
-
-    `models`: label -> Model / ModelProto / bytes / path. Value = median of the round medians.
-    `threads=None` uses ORT's default thread count.
-    """
-    from onnxcomp.runtime import make_session
-
-    sessions = {label: make_session(m, provider, threads=threads) for label, m in models.items()}
-    feeds = {}
-    for label, session in sessions.items():
-        names = {i.name for i in session.get_inputs()}
-        feeds[label] = {k: v for k, v in feed.items() if k in names}
-        for _ in range(warmup):
-            session.run(None, feeds[label])
-    medians: dict[str, list[float]] = {label: [] for label in sessions}
-    order = list(sessions)
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        rng.shuffle(order)  # no model is always timed first in a round
-        for label in order:
-            session = sessions[label]
-            times = []
-            start = time.perf_counter()
-            while len(times) < min_runs or time.perf_counter() - start < round_seconds:
-                t0 = time.perf_counter()
-                session.run(None, feeds[label])
-                times.append((time.perf_counter() - t0) * 1000)
-            medians[label].append(float(np.median(times)))
-    return {label: float(np.median(values)) for label, values in medians.items()}
 
 
 def write_results(suite: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:

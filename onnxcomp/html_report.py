@@ -105,29 +105,17 @@ def _histograms(before: Model, after: Model, count: int = 4) -> str:
 
 def _latency(before: Model, after: Model, providers: list[str], feed: dict[str, np.ndarray]) -> str:
     """Median latency of both models per provider, timed in interleaved rounds."""
-    import time
-
-    from onnxcomp.runtime import RuntimeUnavailable, CannotRun, make_session
+    from onnxcomp.runtime import CannotRun, RuntimeUnavailable, interleaved_latency_ms
 
     rows = []
     for provider in providers:
         try:
-            sessions = {"input": make_session(before, provider, threads=1), "output": make_session(after, provider, threads=1)}
+            times = interleaved_latency_ms({"input": before, "output": after}, feed, threads=1, rounds=5,
+                                           min_runs=5, round_seconds=0.05, warmup=3, provider=provider)
         except (RuntimeUnavailable, CannotRun) as exc:
             rows.append([provider, "-", "-", f"not run: {exc}"])
             continue
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for _ in range(5):
-            for key, session in sessions.items():
-                names = {i.name for i in session.get_inputs()}
-                f = {k: v for k, v in feed.items() if k in names}
-                start = time.perf_counter()
-                runs = 0
-                while runs < 5 or time.perf_counter() - start < 0.05:
-                    session.run(None, f)
-                    runs += 1
-                times[key].append((time.perf_counter() - start) * 1000 / runs)
-        a, b = float(np.median(times["input"])), float(np.median(times["output"]))
+        a, b = times["input"], times["output"]
         rows.append([provider, a, b, f"{a / b:.2f}x {'faster' if b < a else 'slower'}"])
     return _table(["provider", "input ms (1 thread)", "output ms", "output vs input"], rows)
 
