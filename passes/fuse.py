@@ -146,16 +146,23 @@ def _fold_batchnorm(graph, bn: gs.Node, consumers) -> bool:
             conv.attrs["broadcast"] = 1
     new_b = (b - mean) * s + beta
     conv.inputs[1] = _new_const(graph, conv.inputs[1].name + "_bn", w.astype(weight.dtype))
-    bias_const = _new_const(graph, (conv.name or conv.op) + "_bn_bias", new_b.astype(weight.dtype))
-    if has_bias:
+    _absorb(graph, conv, bn, new_b.astype(weight.dtype))
+    return True
+
+
+def _absorb(graph, conv: gs.Node, follower: gs.Node, bias: np.ndarray) -> None:
+    """Give `conv` the new bias and `follower`'s output; `follower` is left empty for cleanup."""
+    bias_const = _new_const(graph, (conv.name or conv.op) + "_bias", bias)
+    if len(conv.inputs) > 2 and conv.inputs[2].name != "":
         conv.inputs[2] = bias_const
     else:
+        while len(conv.inputs) > 2:  # an empty optional bias name
+            conv.inputs.pop()
         conv.inputs.append(bias_const)
-    out = bn.outputs[0]
-    bn.inputs.clear()
-    bn.outputs.clear()
+    out = follower.outputs[0]
+    follower.inputs.clear()
+    follower.outputs.clear()
     conv.outputs[0] = out
-    return True
 
 
 def _fold_into_conv(graph, node: gs.Node, consumers) -> bool:
@@ -185,15 +192,7 @@ def _fold_into_conv(graph, node: gs.Node, consumers) -> bool:
             w = weight.astype(np.float64) * per_channel.reshape((-1,) + (1,) * (rank - 1))
             conv.inputs[1] = _new_const(graph, conv.inputs[1].name + "_scaled", w.astype(weight.dtype))
             new_b = b * per_channel
-        bias_const = _new_const(graph, (conv.name or "conv") + "_bias", new_b.astype(weight.dtype))
-        if has_bias:
-            conv.inputs[2] = bias_const
-        else:
-            conv.inputs.append(bias_const)
-        out = node.outputs[0]
-        node.inputs.clear()
-        node.outputs.clear()
-        conv.outputs[0] = out
+        _absorb(graph, conv, node, new_b.astype(weight.dtype))
         return True
     return False
 

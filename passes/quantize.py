@@ -74,7 +74,7 @@ class Quantize(Pass):
             stats["opset_upgraded_from"] = model.opset
         float_model = work.copy()
         name_nodes(float_model.graph)
-        folded = fold_batchnorm(float_model.graph)
+        folded = fold_batchnorm(float_model)
         if folded:
             stats["batchnorm_folded"] = folded
         ops = cfg.ops or DEFAULT_OPS

@@ -83,47 +83,18 @@ def weight_axis(node: gs.Node, index: int, ndim: int, per_channel: bool) -> int 
     return None
 
 
-def fold_batchnorm(graph: gs.Graph) -> int:
+def fold_batchnorm(model) -> int:
     """Conv -> BatchNormalization (inference, constant statistics) => Conv with scaled weights.
 
     ORT cannot run BatchNormalization on integers, so a BN left between a Conv and its output Q
-    would cost a DQ -> BN -> Q round trip; folded, the Conv fuses into QLinearConv.
+    would cost a DQ -> BN -> Q round trip; folded, the Conv fuses into QLinearConv. The folding
+    itself is the `fuse` pass's, with its other rewrites turned off.
     """
-    folded = 0
-    for bn in list(graph.nodes):
-        if bn.op != "BatchNormalization" or len(bn.outputs) != 1 or len(bn.inputs) != 5:
-            continue
-        x = bn.inputs[0]
-        conv = x.inputs[0] if len(x.inputs) == 1 else None
-        if conv is None or conv.op != "Conv" or len(x.outputs) != 1 or x in graph.outputs:
-            continue
-        params = bn.inputs[1:]
-        if not all(_is_float_const(t) for t in params) or not _is_float_const(conv.inputs[1]):
-            continue
-        if len(conv.inputs) > 2 and conv.inputs[2] is not None and conv.inputs[2].name \
-                and not _is_float_const(conv.inputs[2]):
-            continue
-        gamma, beta, mean, var = (np.asarray(t.values, np.float64) for t in params)
-        factor = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-        w = np.asarray(conv.inputs[1].values, np.float64)
-        b = np.asarray(conv.inputs[2].values, np.float64) if len(conv.inputs) > 2 and conv.inputs[2] is not None \
-            and conv.inputs[2].name else np.zeros(w.shape[0])
-        new_w = gs.Constant(f"{conv.inputs[1].name}_bn_folded", (w * factor.reshape(-1, *[1] * (w.ndim - 1)))
-                            .astype(np.float32))
-        new_b = gs.Constant(f"{conv.name}_bias_bn_folded", ((b - mean) * factor + beta).astype(np.float32))
-        conv.inputs[1] = new_w
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = new_b
-        else:
-            conv.inputs.append(new_b)
-        y = bn.outputs[0]
-        bn.inputs.clear()
-        bn.outputs.clear()
-        conv.outputs[0] = y
-        folded += 1
-    if folded:
-        graph.cleanup()
-    return folded
+    from onnxcomp.context import PassContext
+    from onnxcomp.passes.fuse import Fuse
+
+    only_bn = Fuse(gemm=False, transposes=False, reshapes=False, conv_affine=False)
+    return int(only_bn.run(model, PassContext()).stats.get("batchnorm_folded", 0))
 
 
 def name_nodes(graph: gs.Graph) -> int:
