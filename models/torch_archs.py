@@ -225,3 +225,19 @@ class MobileNetV2Entry(ImageArch):
 
 zoo.register("resnet18", ResNet18Entry)
 zoo.register("mobilenet_v2", MobileNetV2Entry)
+
+
+def resnet18():
+    """A ResNet-18 module (seeded random weights, eval mode): a PKG.MODULE:FACTORY for `onnxcomp export torch`."""
+    import torch
+
+    torch.manual_seed(SEED)
+    return _modules()["resnet18"]().eval()
+
+
+def mobilenet_v2():
+    """A MobileNetV2 module (seeded random weights, eval mode), like resnet18()."""
+    import torch
+
+    torch.manual_seed(SEED)
+    return _modules()["mobilenet_v2"]().eval()

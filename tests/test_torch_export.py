@@ -47,3 +47,19 @@ def test_cli_export_with_a_bad_factory_is_one_line(tmp_path):
 def test_optimize_accepts_a_torch_module_with_example_inputs():
     result = onnxcomp.optimize(tiny_net(), "cleanup", example_inputs=torch.randn(1, 3, 16, 16))
     assert result.report.validation["passed"]
+
+
+def test_cli_export_torch_of_resnet18_matches_torch_within_1e_4(tmp_path):
+    # torchvision cannot be imported beside the pinned CPU torch; models.torch_archs is the same architecture
+    out = tmp_path / "resnet18.onnx"
+    done = run_cli("export", "torch", "models.torch_archs:resnet18", "--input-shape", "1x3x64x64",
+                   "--dynamic-batch", "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert "ORT matches torch within" in done.stdout
+    from models.torch_archs import resnet18
+
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = resnet18()(x).numpy()
+    got = next(iter(run(make_session(out), {"input": x.numpy()}).values()))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
