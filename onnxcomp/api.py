@@ -91,6 +91,31 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
     return OptimizeResult(result.model, result.report)
 
 
+def optimize_file(model: str | Path, output: str | Path, spec_or_pipeline: str | Pipeline | Sequence[Pass], *,
+                  force: bool = False, progress=None, **options: Any) -> OptimizeResult:
+    """The per-model job of `onnxcomp optimize`, shared by the one-model command and batch mode
+    (local processes or Ray tasks): optimize `model`, refuse a result outside tolerance (nothing is
+    written; the GateFailed carries the report), then save atomically to `output` (.onnxc packs).
+    `options` are those of `optimize`."""
+    from onnxcomp.errors import GateFailed
+    from onnxcomp.model import save
+
+    result = optimize(model, spec_or_pipeline, progress=progress, **options)
+    validation = result.report.validation
+    if validation and validation["passed"] is False:
+        failed = GateFailed("the result is outside tolerance, nothing was written: " + validation["summary"])
+        failed.report = result.report
+        raise failed
+    if progress:
+        progress("saving…", 1.0)
+    output = Path(output)
+    if getattr(result.model, "packing", None) and output.suffix != ".onnxc":
+        result.report.notes.append(f"the pipeline ends with entropy coding but {output.name} is not .onnxc: "
+                                   "the weights were saved unpacked")
+    save(result.model, output, force=force, source=model)
+    return result
+
+
 def _run_with_gate(pipeline: Pipeline, source: Model, ctx: PassContext, gate: Gate):
     """Hold the pipeline to the gate on held-out data, bisecting and backing off as needed."""
     from onnxcomp.errors import GateFailed
@@ -161,4 +186,4 @@ def feeds_from(data: Any) -> list[dict[str, np.ndarray]] | None:
     return list(source) if source is not None else None
 
 
-__all__ = ["OptimizeResult", "optimize", "inspect", "check_model", "feeds_from"]
+__all__ = ["OptimizeResult", "optimize", "optimize_file", "inspect", "check_model", "feeds_from"]

@@ -67,8 +67,11 @@ def _check_output_path(output: Path, source: Path, force: bool) -> None:
 
 @app.command()
 def optimize(
-    model: Path = typer.Argument(..., help="Input .onnx model."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx (or .onnxc for a packed file)."),
+    models: list[Path] = typer.Argument(..., metavar="MODEL...",
+                                        help="Input .onnx model; several models or folders (every *.onnx in them) "
+                                             "run in batch mode."),
+    output: Path = typer.Option(..., "-o", "--output",
+                                help="Output .onnx (or .onnxc for a packed file); in batch mode the output folder."),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Pipeline spec text or a .yaml/.json file."),
     preset: Optional[str] = typer.Option(None, "--preset", help="A named pipeline (see `onnxcomp passes --presets`)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data: .npz or an image folder."),
@@ -88,17 +91,29 @@ def optimize(
     check: bool = typer.Option(True, "--check/--no-check", help="Compare the result with the input on ORT."),
     require_speedup: bool = typer.Option(False, "--require-speedup",
                                          help="Fail when a quantized model is slower than the float one."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1,
+                                       help="Batch mode: models optimized at once (default: the CPU count)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Batch mode: run on the Ray cluster at ADDRESS "
+                                                          "(or `local`); needs the ray extra."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Batch mode: write the per-model summary as JSON."),
 ):
-    """Run a pipeline of passes over MODEL and write the result to OUTPUT."""
-    from onnxcomp.api import optimize as run_optimize
+    """Run a pipeline of passes over MODEL and write the result to OUTPUT.
+
+    Batch mode (several models, a folder, an existing output folder, or --jobs/--ray/--summary):
+    each model is optimized in its own process into the OUTPUT folder, a failing model does not
+    stop the others, and a summary table follows; the exit code is 1 if any model failed."""
+    from onnxcomp.api import optimize_file
     from onnxcomp.gate import Gate
-    from onnxcomp.model import save
     from onnxcomp.pipeline import Pipeline
     from onnxcomp.presets import preset_spec
 
     if (pipeline is None) == (preset is None):
         raise SpecError("give exactly one of --pipeline or --preset")
-    _check_output_path(output, model, force)
+    batch = len(models) > 1 or models[0].is_dir() or output.is_dir() or any(
+        option is not None for option in (jobs, ray, summary))
+    model = models[0]
+    if not batch:
+        _check_output_path(output, model, force)
     from onnxcomp.presets import NEEDS_GATE
 
     if preset in NEEDS_GATE and max_drop is None and min_cosine is None and atol is None:
@@ -108,25 +123,23 @@ def optimize(
                           verify_each=verify_each, on_failure=on_failure)
     if require_speedup:
         spec.passes = [p.with_params(require_speedup=True) if p.name == "quantize" else p for p in spec.passes]
+    options = dict(calibration=calibration, providers=providers, evaluation=evaluation, preprocess=preprocess,
+                   verify_each=verify_each, on_failure=on_failure, tolerance=_tolerance(atol, rtol, min_cosine),
+                   check=check, gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget))
+    if batch:
+        _optimize_many(models, output, spec, options, force, jobs, ray, summary, report, as_json)
+        return
     with err.status("loading…") as status:
         def progress(step: str, fraction: float) -> None:
             status.update(f"[{fraction:4.0%}] {step}")
 
-        result = run_optimize(model, spec, calibration, providers, evaluation=evaluation, preprocess=preprocess,
-                              verify_each=verify_each, on_failure=on_failure,
-                              tolerance=_tolerance(atol, rtol, min_cosine), check=check, progress=progress,
-                              gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget))
-        if result.report.validation and result.report.validation["passed"] is False:
+        try:
+            result = optimize_file(model, output, spec, force=force, progress=progress, **options)
+        except GateFailed as exc:  # outside tolerance: the JSON report still says why
             for path in report:
-                if path.suffix != ".html":
-                    result.report.write(path)
-            raise GateFailed("the result is outside tolerance, nothing was written: "
-                             + result.report.validation["summary"])
-        status.update("saving…")
-        if getattr(result.model, "packing", None) and output.suffix != ".onnxc":
-            result.report.notes.append(f"the pipeline ends with entropy coding but {output.name} is not .onnxc: "
-                                       "the weights were saved unpacked")
-        save(result.model, output, force=force, source=model)
+                if path.suffix != ".html" and getattr(exc, "report", None) is not None:
+                    exc.report.write(path)
+            raise
     for path in report:
         if path.suffix == ".html":
             from onnxcomp.html_report import write_html
@@ -154,6 +167,32 @@ def optimize(
                 else "[yellow]not gated"
             out.print(f"validation on ORT: {verdict}[/] — {escape(result.report.validation['summary'])}")
         out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
+
+
+def _optimize_many(models, outdir, spec, options, force, jobs, ray, summary, report, as_json) -> None:
+    """Batch mode of `optimize` (onnxcomp.batch): a progress line per model, then one table."""
+    from onnxcomp.batch import BatchFailed, plan, run_batch
+
+    if report:
+        raise SpecError("--report is for one model; in batch mode use --summary FILE.json")
+    planned = plan(models, outdir, spec, options, force)
+    finished = []
+
+    def progress(result) -> None:
+        finished.append(result)
+        verdict = "ok" if result.ok else f"error: {result.error}"
+        print(f"[{len(finished)}/{len(planned)}] {Path(result.model).name}: {verdict}", file=sys.stderr, flush=True)
+
+    outcome = run_batch(planned, jobs, ray, on_done=progress)
+    if summary is not None:
+        outcome.write(summary)
+    if as_json:
+        print(json.dumps(outcome.to_dict(), indent=2))
+    else:
+        out.print(outcome.table())
+    if outcome.failed:
+        raise BatchFailed(f"{len(outcome.failed)} of {len(outcome.results)} models failed: "
+                          + ", ".join(Path(r.model).name for r in outcome.failed))
 
 
 @app.command()
