@@ -8,9 +8,11 @@ into place only when complete, so no half-written output is ever left behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxcomp.errors import InputError, OutputError
@@ -30,6 +33,8 @@ G_LOGGER.severity = G_LOGGER.CRITICAL + 10
 # the weights as external data. Kept a little under 2 GiB to leave room for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 64 * 2**20
 EXTERNAL_DATA_MIN_BYTES = 1024
+EXTERNAL_DATA_ALIGN = 4096  # tensor offsets in written data files: page-aligned, so readers can map them
+COPY_CHUNK = 16 * 2**20
 
 
 @dataclass
@@ -76,8 +81,15 @@ class Model:
                                 if proto.ir_version >= 4 else set()),
         )
 
-    def to_proto(self) -> onnx.ModelProto:
-        """Export to a ModelProto (topologically sorted), keeping IR version, opsets and metadata."""
+    def to_proto(self, weights: bool = True) -> onnx.ModelProto:
+        """Export to a ModelProto (topologically sorted), keeping IR version, opsets and metadata.
+
+        `weights=False` leaves the data of initializers of 1 KiB or more out (they are exported
+        as external data that points nowhere): enough for shape inference, without a copy of
+        every weight."""
+        if not weights:
+            with _weights_as_stubs(self, lambda const, stub: _point_nowhere(stub, const)):
+                return self.to_proto()
         self.graph.toposort()
         opsets = dict(self.opset_imports)
         opsets[""] = self.graph.opset  # a pass may have upgraded the default-domain opset
@@ -100,10 +112,13 @@ class Model:
         return proto
 
     def copy(self) -> Model:
-        """A deep copy (weights included), used to roll a failed pass back."""
-        copied = Model.from_proto(self.to_proto(), self.source_path)
-        copied.packing = dict(self.packing) if self.packing else None
-        return copied
+        """A copy of the graph that shares the weights: used to roll a failed pass back and for
+        the gate's snapshots, so it must stay cheap for models of several GB. Sharing is safe
+        because passes give a Constant new values (`const.values = new`) and never edit an
+        array in place; external weights stay in their file until a pass reads them."""
+        return dataclasses.replace(
+            self, graph=self.graph.copy(), opset_imports=dict(self.opset_imports), metadata=dict(self.metadata),
+            initializer_inputs=set(self.initializer_inputs), packing=dict(self.packing) if self.packing else None)
 
     # ---- facts --------------------------------------------------------------------------
     @property
@@ -184,11 +199,19 @@ def load(source: str | os.PathLike | onnx.ModelProto | bytes | Model) -> Model:
         from onnxcomp import container  # the packed format lives in its own module
 
         return container.load_packed(path)
-    return Model.from_proto(load_proto(path), path)
+    deferred: dict[str, tuple[Path, int, int]] = {}
+    proto = load_proto(path, defer=deferred)
+    model = Model.from_proto(proto, path)
+    if deferred:
+        _attach_external_values(model, proto, deferred)
+    return model
 
 
-def load_proto(path: Path) -> onnx.ModelProto:
-    """Read and sanity-check an .onnx file, with its external data loaded safely."""
+def load_proto(path: Path, defer: dict | None = None) -> onnx.ModelProto:
+    """Read and sanity-check an .onnx file, with its external data loaded safely.
+
+    With `defer` (a dict), the data of main-graph initializers of plain numeric types is
+    checked but not read: `defer` receives name -> (file, offset, length) for each."""
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
@@ -196,7 +219,7 @@ def load_proto(path: Path) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty")
     proto = parse_model_bytes(path.read_bytes(), str(path))
-    load_external_data_safely(proto, path.parent)
+    load_external_data_safely(proto, path.parent, defer)
     return proto
 
 
@@ -222,14 +245,16 @@ def _external_tensors(proto: onnx.ModelProto):
             yield tensor
 
 
-def load_external_data_safely(proto: onnx.ModelProto, base_dir: Path) -> None:
+def load_external_data_safely(proto: onnx.ModelProto, base_dir: Path, defer: dict | None = None) -> None:
     """Load external tensor data, refusing any location outside the model's folder.
 
     Written here instead of calling onnx.load's loader because that loader had path-traversal
     holes (CVE-2024-27318, CVE-2024-5187): every location is resolved and checked *before* any
-    file is opened, and lengths are checked against the file size.
+    file is opened, and lengths are checked against the file size. With `defer`, main-graph
+    initializers that ExternalValues can map are checked the same way but left unread.
     """
     base = base_dir.resolve()
+    deferrable = {t.name for t in proto.graph.initializer if t.data_type in MAPPABLE} if defer is not None else set()
     for tensor in _external_tensors(proto):
         info = external_data_helper.ExternalDataInfo(tensor)
         location = info.location or ""
@@ -253,11 +278,110 @@ def load_external_data_safely(proto: onnx.ModelProto, base_dir: Path) -> None:
             raise InputError(
                 f"tensor {tensor.name!r}: external data length {length} does not match its shape ({expected} bytes)"
             )
+        if tensor.name in deferrable and tensor.name not in defer:  # the main graph's come first
+            defer[tensor.name] = (target, offset, length)
+            continue
         with open(target, "rb") as fh:
             fh.seek(offset)
             tensor.raw_data = fh.read(length)
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
+
+
+# Element types whose raw little-endian bytes numpy maps as they are.
+MAPPABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BOOL,
+            onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+            onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+
+
+class ExternalValues(LazyValues):
+    """An initializer's values left in its (already checked) external data file.
+
+    A pass that reads `const.values` gets a copy-on-write memory map (pages are read on demand
+    and the kernel may drop them again; writing to the array never touches the file); saving
+    copies the bytes file to file. So a model of several GB is never all in memory at once.
+    """
+
+    def __init__(self, meta: onnx.TensorProto, path: Path, offset: int, length: int):
+        # (LazyValues.__init__ is not called: it would keep the whole TensorProto.)
+        self._meta = onnx.TensorProto(name=meta.name, data_type=meta.data_type, dims=meta.dims)
+        self.path, self.offset, self.length = Path(path), int(offset), int(length)
+        self.shape = tuple(int(d) for d in meta.dims)
+        self.dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(meta.data_type)).newbyteorder("<")
+        self.nbytes = self.length
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        """The tensor with its data (graphsurgeon's exporter embeds this)."""
+        full = onnx.TensorProto()
+        full.CopyFrom(self._meta)
+        full.raw_data = self.read_bytes()
+        return full
+
+    def read_bytes(self) -> bytes:
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.length)
+        if len(data) != self.length:
+            raise InputError(f"tensor {self._meta.name!r}: external data {self.path.name!r} became shorter "
+                             f"than declared while the model was open")
+        return data
+
+    def copy_to(self, out) -> None:
+        """Append the bytes to the open file `out`, a chunk at a time."""
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            left = self.length
+            while left:
+                chunk = fh.read(min(left, COPY_CHUNK))
+                if not chunk:
+                    raise InputError(f"tensor {self._meta.name!r}: external data {self.path.name!r} became "
+                                     f"shorter than declared while the model was open")
+                out.write(chunk)
+                left -= len(chunk)
+
+    def load(self) -> np.ndarray:
+        if self.length == 0 or not self.shape:
+            return np.frombuffer(self.read_bytes(), self.dtype).reshape(self.shape).copy()
+        mapped = np.memmap(self.path, dtype=self.dtype, mode="c", offset=self.offset, shape=self.shape)
+        return mapped.view(np.ndarray)  # a plain array (the map stays open through .base)
+
+    def __str__(self):
+        return f"ExternalValues(shape={self.shape}, dtype={self.dtype}, file={self.path.name})"
+
+
+def _walk_constants(graph: gs.Graph, seen: set[int]):
+    """Every Constant read or produced in `graph` and its subgraphs, once each."""
+    for tensor in [*graph.inputs, *graph.outputs, *(t for n in graph.nodes for t in (*n.inputs, *n.outputs))]:
+        if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield tensor
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            subgraphs = [attr] if isinstance(attr, gs.Graph) else \
+                [a for a in attr if isinstance(a, gs.Graph)] if isinstance(attr, (list, tuple)) else []
+            for sub in subgraphs:
+                yield from _walk_constants(sub, seen)
+
+
+def _attach_external_values(model: Model, proto: onnx.ModelProto, deferred: dict) -> None:
+    """Point the Constants of deferred initializers at their file (see ExternalValues); any
+    deferred tensor graphsurgeon did not make a Constant of is read now, as before."""
+    attached = set()
+    for const in _walk_constants(model.graph, set()):
+        values = const._values
+        if const.name in deferred and isinstance(values, LazyValues) and not isinstance(values, ExternalValues):
+            const._values = ExternalValues(values.tensor, *deferred[const.name])
+            const.data_location = None  # exported like any in-memory tensor unless save() streams it
+            attached.add(const.name)
+    for tensor in proto.graph.initializer:
+        if tensor.name in deferred and tensor.name not in attached:
+            target, offset, length = deferred[tensor.name]
+            with open(target, "rb") as fh:
+                fh.seek(offset)
+                tensor.raw_data = fh.read(length)
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
 
 
 def _declared_nbytes(tensor: onnx.TensorProto) -> int | None:
@@ -291,10 +415,13 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(model)  # moving weights to external data edits the proto: not the caller's
+        if external_data is None:
+            external_data = _initializer_bytes(proto) > PROTOBUF_LIMIT
     else:
-        proto = model.to_proto()
-    if external_data is None:
-        external_data = _initializer_bytes(proto) > PROTOBUF_LIMIT
+        if external_data is None:
+            external_data = model.summary()["param_bytes"] > PROTOBUF_LIMIT
+        # With external data a Model's weights are streamed to the file one by one (below).
+        proto = None if external_data else model.to_proto()
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{path}: the folder {folder} does not exist")
@@ -302,7 +429,10 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
     try:
         staged = staging / path.name
         data_name = path.name + ".data"
-        if external_data:
+        if external_data and proto is None:
+            with open(staging / data_name, "wb") as data:
+                proto = _export_streaming(model, data, data_name)
+        elif external_data:
             _typed_fields_to_raw_data(proto)
             external_data_helper.convert_model_to_external_data(
                 proto, all_tensors_to_one_file=True, location=data_name, size_threshold=EXTERNAL_DATA_MIN_BYTES
@@ -311,7 +441,7 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
         with open(staged, "wb") as fh:
             fh.write(proto.SerializeToString())
         # Data first, then the model file that refers to it: the model never points at nothing.
-        if external_data and (staging / data_name).exists():
+        if external_data and (staging / data_name).exists() and (staging / data_name).stat().st_size:
             os.replace(staging / data_name, folder / data_name)
         os.replace(staged, path)
     except OSError as exc:
@@ -319,6 +449,102 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+class _Stub(LazyValues):
+    """Stands in for a Constant's values during an export: graphsurgeon embeds `tensor` as it
+    is, and this one holds no data, only where the data is."""
+
+    def __init__(self, meta: onnx.TensorProto, values):
+        self.tensor, self.shape, self.dtype, self.nbytes = meta, values.shape, values.dtype, int(values.nbytes)
+
+
+def _tensor_meta(const: gs.Constant) -> onnx.TensorProto | None:
+    """Name, type and shape of a Constant whose bytes _write_data can write as they are, else None."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+
+    values = const._values
+    if isinstance(values, ExternalValues):
+        data_type = values._meta.data_type
+    elif isinstance(values, LazyValues):
+        tensor = values.tensor
+        if not isinstance(tensor, onnx.TensorProto) or not tensor.HasField("raw_data") or \
+                tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        data_type = tensor.data_type
+    elif isinstance(values, np.ndarray) and values.dtype.kind in "biuf" and values.dtype.type.__module__ == "numpy":
+        data_type = dtype_to_onnx(values.dtype)
+        if dtype_to_onnx(const.export_dtype) != data_type:
+            return None  # graphsurgeon converts these on export
+    else:
+        return None
+    return onnx.TensorProto(name=const.name, data_type=data_type, dims=[int(d) for d in values.shape])
+
+
+def _write_data(const: gs.Constant, out) -> None:
+    values = const._values
+    if isinstance(values, ExternalValues):
+        values.copy_to(out)
+    elif isinstance(values, LazyValues):
+        out.write(values.tensor.raw_data)
+    else:
+        array = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+        out.write(array.reshape(-1).view(np.uint8).data)
+
+
+@contextmanager
+def _weights_as_stubs(model: Model, place):
+    """Within the block, main-graph initializers of EXTERNAL_DATA_MIN_BYTES or more export
+    without their data; `place(const, meta)` says (in meta) where the data is, writing it
+    if it must. Each Constant gets its own values back afterwards."""
+    swapped = []
+    try:
+        for const in model.initializers().values():
+            meta = _tensor_meta(const) if constant_nbytes(const) >= EXTERNAL_DATA_MIN_BYTES else None
+            if meta is None:
+                continue
+            place(const, meta)
+            swapped.append((const, const._values))
+            const._values = _Stub(meta, const._values)
+        yield
+    finally:
+        for const, values in swapped:
+            const._values = values
+
+
+def _set_location(meta: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    meta.data_location = onnx.TensorProto.EXTERNAL
+    del meta.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        meta.external_data.add(key=key, value=value)
+
+
+def _point_nowhere(meta: onnx.TensorProto, const: gs.Constant) -> None:
+    _set_location(meta, "(not loaded)", 0, constant_nbytes(const))
+
+
+def _export_streaming(model: Model, data, data_name: str) -> onnx.ModelProto:
+    """Export `model` with its weights written to the open file `data`, one tensor at a time,
+    so no protobuf (and no second copy of the weights) ever holds them all."""
+
+    def place(const, meta):
+        data.write(b"\0" * (-data.tell() % EXTERNAL_DATA_ALIGN))
+        offset = data.tell()
+        _write_data(const, data)
+        _set_location(meta, data_name, offset, data.tell() - offset)
+
+    with _weights_as_stubs(model, place):
+        proto = model.to_proto()
+    # What is left inline (subgraph initializers, Constant node values) goes to the same file.
+    _typed_fields_to_raw_data(proto)
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_MIN_BYTES:
+            data.write(b"\0" * (-data.tell() % EXTERNAL_DATA_ALIGN))
+            offset = data.tell()
+            data.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            _set_location(tensor, data_name, offset, data.tell() - offset)
+    return proto
 
 
 def _typed_fields_to_raw_data(proto: onnx.ModelProto) -> None:
