@@ -377,6 +377,54 @@ def export_tf_command(
     out.print(f"wrote {output} (tf2onnx, opset {result.model.opset}); ORT matches TensorFlow within {result.max_abs_error:.2g}")
 
 
+registry_app = typer.Typer(no_args_is_help=True, help="Compress models in an MLflow model registry (needs the mlflow extra).")
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("optimize")
+def registry_optimize(
+    model: str = typer.Option(..., "--model", help="Registered model name."),
+    version: str = typer.Option(..., "--version", help="Version of it to compress."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow tracking URI (default: sqlite:///./mlruns.db, no server)."),
+    target_name: Optional[str] = typer.Option(None, "--target-name", help="Register under this name (default: --model)."),
+    experiment: str = typer.Option("onnxcomp", "--experiment", help="Experiment to log the run in."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Pipeline spec text or a .yaml/.json file."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A named pipeline (see `onnxcomp passes --presets`)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data: .npz or an image folder."),
+    evaluation: Optional[Path] = typer.Option(None, "--evaluation", help="Held-out data for the gate (.npz or images)."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="For image folders, e.g. size=320x240,mean=127,std=128."),
+    providers: str = typer.Option("cpu", "--providers", help="Execution providers to validate on, e.g. cpu,cuda."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Gate: max absolute output error vs the input model."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance for lossy passes."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum output cosine vs the input model."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: max task-metric drop in points (needs labels)."),
+    budget: int = typer.Option(6, "--budget", help="Gate: how many back-offs to try before giving up."),
+):
+    """Compress a registered ONNX model version under the gate and register the result as a new version."""
+    from onnxcomp.gate import Gate
+    from onnxcomp.mlflow_registry import optimize_version, require_mlflow
+    from onnxcomp.pipeline import Pipeline
+    from onnxcomp.presets import NEEDS_GATE, preset_spec
+
+    require_mlflow()  # before any work: one line saying how to install it
+    if (pipeline is None) == (preset is None):
+        raise SpecError("give exactly one of --pipeline or --preset")
+    if preset in NEEDS_GATE and max_drop is None and min_cosine is None and atol is None:
+        raise SpecError(f"--preset {preset} needs a tolerance: give --max-drop, --min-cosine or --atol")
+    spec = Pipeline.parse(pipeline if pipeline is not None else preset_spec(preset))
+    with err.status("loading…") as status:
+        result = optimize_version(tracking_uri, model, version, spec, target_name=target_name, experiment=experiment,
+                                  calibration=calibration, evaluation=evaluation, preprocess=preprocess,
+                                  providers=providers, tolerance=_tolerance(atol, rtol, min_cosine),
+                                  gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget),
+                                  progress=lambda step, fraction: status.update(f"[{fraction:4.0%}] {step}"))
+    out.print(result.report.table())
+    m = result.metrics
+    out.print(f"registered {result.name} version {result.version} (run {result.run_id}) from {result.source} "
+              f"with {result.pipeline}: {m['size_bytes_before']:,} -> {m['size_bytes_after']:,} bytes", markup=False)
+
+
 def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: temp files are cleaned up
     raise KeyboardInterrupt
 
