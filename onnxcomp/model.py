@@ -161,6 +161,13 @@ def constant_nbytes(const: gs.Constant) -> int:
     return int(getattr(values, "nbytes", 0))
 
 
+def peek_values(const: gs.Constant) -> np.ndarray:
+    """A constant's values without keeping them loaded in the Constant (lazy ones are read again
+    on each call): to read every weight once (hashing...) without holding them all in memory."""
+    values = const._values
+    return values.load() if isinstance(values, LazyValues) else values
+
+
 def _drop_shadowing_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
     """graphsurgeon exports an outer-scope Constant read by a subgraph as an initializer of the
     subgraph too, under the same name; a name defined twice breaks ORT (e.g. when it inlines an If

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcomp import graph_utils as gu
 from onnxcomp.base import Pass, PassResult, param
+from onnxcomp.model import peek_values
 from onnxcomp.registry import register
 
 NOOP_CANDIDATES = {"Identity", "Dropout", "Cast", "CastLike", "Reshape", "Expand", "Transpose", "Pad", "Slice",
@@ -75,7 +76,7 @@ class Cleanup(Pass):
         candidates = [n for n in graph.nodes if n.op in NOOP_CANDIDATES and gu.is_standard(n)]
         if not candidates:
             return
-        facts = gu.infer_types(model.to_proto()) if any(n.op in NEEDS_FACTS for n in candidates) else {}
+        facts = gu.infer_types(model.to_proto(weights=False)) if any(n.op in NEEDS_FACTS for n in candidates) else {}
         consumers = gu.consumers_map(graph)
         for node in candidates:
             try:
@@ -231,12 +232,13 @@ def _merge_duplicates(graph: gs.Graph) -> int:
             if not isinstance(tensor, gs.Constant) or id(tensor) in protected or id(tensor) in replace:
                 continue
             try:
-                value = np.asarray(tensor.values)  # (ascontiguousarray would turn scalars into 1-D)
+                value = np.asarray(peek_values(tensor))  # (ascontiguousarray would turn scalars into 1-D)
             except Exception:  # noqa: BLE001, S112 - onnx/ORT raise many exception types
                 continue
             if value.dtype.kind not in "biufc":
                 continue
-            key = (value.dtype.str, value.shape, hashlib.sha1(value.tobytes()).hexdigest())
+            # hashed in place (tobytes() would copy each weight: GBs on a large model)
+            key = (value.dtype.str, value.shape, hashlib.sha1(np.ascontiguousarray(value).reshape(-1).view(np.uint8)).hexdigest())
             first = keep.setdefault(key, tensor)
             if first is not tensor:
                 replace[id(tensor)] = first

@@ -90,7 +90,7 @@ class Fold(Pass):
 
     # ---- Shape / Size of statically shaped tensors --------------------------------------
     def _fold_shapes(self, model, stats: Counter) -> int:
-        facts = gu.infer_types(model.to_proto())
+        facts = gu.infer_types(model.to_proto(weights=False))  # shapes only: no copy of the weights
         graph, done = model.graph, []
         guarded = _if_condition_ancestors(graph)
         for node in graph.nodes:

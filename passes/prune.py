@@ -133,16 +133,18 @@ class Prune(Pass):
             dense_h = ctx.analysis(f"hessians:{cfg.samples}:{'|'.join(layer.name for layer in layers)}",
                                    lambda: hs.layer_hessians(model, layers, feeds, cfg.samples))
         counts = self._allocate(model, ctx, layers, dense_h, feeds)
-        before = {layer.name: np.asarray(layer.weight.values) for layer in layers}
+        # Names of the tensors whose values changed (the old values are not kept for comparing:
+        # on a model of several GB that would hold every weight twice).
+        changed: set[str] = set()
         if hessian and any(layer.supports_hessian for layer in layers):
-            self._prune_hessian(model, layers, counts, n, m, feeds, {} if cfg.sequential else dense_h)
+            self._prune_hessian(model, layers, counts, n, m, feeds, {} if cfg.sequential else dense_h, changed)
         else:
             for layer in layers:
-                _prune_magnitude(layer, counts.get(layer.name, 0), n, m)
+                _prune_magnitude(layer, counts.get(layer.name, 0), n, m, changed)
         fallback = [layer.name for layer in layers if hessian and not layer.supports_hessian]
         if fallback:
             ctx.note(f"prune: {len(fallback)} ConvTranspose weight(s) pruned by magnitude (no Hessian support)")
-        return _result(layers, before, skipped, counts if not m else None)
+        return _result(layers, changed, skipped, counts if not m else None)
 
     # ---- how many weights each layer loses ----------------------------------------------
     def _allocate(self, model, ctx, layers, dense_h, feeds) -> dict[str, int]:
@@ -175,14 +177,14 @@ class Prune(Pass):
         return {x.name: min(caps[x.name], round(chosen[x.name] * x.size)) for x in layers}
 
     # ---- SparseGPT ------------------------------------------------------------------------
-    def _prune_hessian(self, model, layers, counts, n, m, feeds, dense_h) -> None:
+    def _prune_hessian(self, model, layers, counts, n, m, feeds, dense_h, changed: set[str]) -> None:
         cfg = self.config
         order = [layers] if dense_h else hs.stages(model, layers)
         for stage in order:
             todo = [x for x in stage if x.supports_hessian and (m or counts.get(x.name, 0) > 0)]
             for layer in stage:
                 if not layer.supports_hessian:
-                    _prune_magnitude(layer, counts.get(layer.name, 0), n, m)
+                    _prune_magnitude(layer, counts.get(layer.name, 0), n, m, changed)
             if not todo:
                 continue
             hessians = dense_h if dense_h else hs.layer_hessians(model, todo, feeds, cfg.samples)
@@ -197,34 +199,40 @@ class Prune(Pass):
                     share = round(total * (g + 1) / len(rows)) - round(total * g / len(rows))
                     out[g] = hs.sparsegpt(rows[g], hessians[layer.name][g], share, n, m,
                                           cfg.block_size, cfg.damp)
-                layer.weight.values = layer.from_rows(out).astype(w.dtype)
+                new = layer.from_rows(out).astype(w.dtype)
+                if not np.array_equal(new, w):
+                    changed.add(layer.name)
+                layer.weight.values = new  # replaced, never edited in place: Model.copy() shares arrays
 
 
-def _prune_magnitude(layer: hs.WeightLayer, count: int, n: int, m: int) -> None:
+def _prune_magnitude(layer: hs.WeightLayer, count: int, n: int, m: int, changed: set[str]) -> None:
     if not m and count <= 0:
         return
     w = np.asarray(layer.weight.values)
+    nonzero = np.count_nonzero(w)
     rows = layer.to_rows(w)
     mask = hs.magnitude_mask(rows, count, n, m)
-    layer.weight.values = layer.from_rows(np.where(mask, np.zeros((), w.dtype), rows)).astype(w.dtype)
+    new = layer.from_rows(np.where(mask, np.zeros((), w.dtype), rows)).astype(w.dtype, copy=False)
+    if np.count_nonzero(new) != nonzero:  # magnitude pruning only zeroes weights
+        changed.add(layer.name)
+    layer.weight.values = new  # replaced, never edited in place: Model.copy() shares arrays
 
 
-def _result(layers, before, skipped, counts) -> PassResult:
-    per_tensor, zeros, total, changed = {}, 0, 0, False
+def _result(layers, changed: set[str], skipped, counts) -> PassResult:
+    per_tensor, zeros, total = {}, 0, 0
     for layer in layers:
         w = np.asarray(layer.weight.values)
         z = int(w.size - np.count_nonzero(w))
         per_tensor[layer.name] = z / w.size
         zeros += z
         total += w.size
-        changed = changed or not np.array_equal(w, before[layer.name])
     stats = {
         "sparsity": zeros / total if total else 0.0,
-        "pruned_tensors": sum(1 for layer in layers if not np.array_equal(layer.weight.values, before[layer.name])),
+        "pruned_tensors": len(changed),
         "zeros": zeros,
         "params": total,
         "per_tensor": per_tensor,
     }
     if skipped:
         stats["skipped"] = skipped
-    return PassResult(changed, stats)
+    return PassResult(bool(changed), stats)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.errors import PassError
@@ -77,7 +78,10 @@ class QuantizeDynamic(Pass):
         done = 0
         weight_bytes_before = weight_bytes_after = 0
         for node, w, trans_b in targets:
+            stored = w._values
             values = np.asarray(w.values, np.float32)
+            if isinstance(stored, LazyValues):
+                w.values = stored  # not kept loaded: a large model's float weights stay in their file
             if trans_b:
                 values = values.T
             weight_bytes_before += values.nbytes
@@ -88,6 +92,7 @@ class QuantizeDynamic(Pass):
             else:
                 weight_bytes_after += self._matmul_nbits(build, node, values, model)
             done += 1
+            del values
         if done and cfg.mode == "weight_only" and cfg.bits == 4:
             model.opset_imports.setdefault("com.microsoft", 1)
         model.graph.cleanup().toposort()
@@ -224,7 +229,11 @@ def _target(node: gs.Node, cfg) -> tuple[gs.Constant, bool] | None:
     if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant) or isinstance(node.inputs[0], gs.Constant):
         return None
     w = node.inputs[1]
-    if np.dtype(w.values.dtype) != np.float32 or w.values.ndim != 2 or w.values.size < cfg.min_size:
+    try:  # type and shape without loading the values
+        dtype, shape = np.dtype(w.dtype), tuple(w.shape)
+    except TypeError:  # a type numpy lacks (bfloat16...): graphsurgeon converts it when loading
+        dtype, shape = np.dtype(w.values.dtype), w.values.shape
+    if dtype != np.float32 or len(shape) != 2 or int(np.prod(shape)) < cfg.min_size:
         return None
     trans_b = False
     if node.op == "Gemm":
@@ -235,7 +244,7 @@ def _target(node: gs.Node, cfg) -> tuple[gs.Constant, bool] | None:
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None and bias.name and not isinstance(bias, gs.Constant):
             return None
-    if cfg.mode == "weight_only" and cfg.bits == 4 and w.values.shape[1 if trans_b else 0] < 16:
+    if cfg.mode == "weight_only" and cfg.bits == 4 and shape[1 if trans_b else 0] < 16:
         return None
     return w, trans_b
 
