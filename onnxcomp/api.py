@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
             raise InputError("optimizing a torch module needs example_inputs")
         model_or_path = export(model_or_path, example_inputs).model
     source = load(model_or_path)
+    check_model(source)  # passes assume a well-formed graph; refuse one that is not, naming why
     original = source.copy() if check else None
     pipeline = as_pipeline(spec_or_pipeline)
     if verify_each:
@@ -177,8 +179,23 @@ def inspect(model_or_path) -> dict[str, Any]:
 
 
 def check_model(model: Model) -> None:
-    """onnx.checker on the exported model (used by tests and the final pipeline check)."""
-    onnx.checker.check_model(model.to_proto())
+    """onnx.checker on the model as onnxcomp exports it (sorted, so an unsorted input is fine);
+    a failure is one InputError line. Skipped past 2 GB of weights: the checker needs the whole
+    model in one protobuf message, and ORT's validation of the result still runs."""
+    from onnxcomp.errors import InputError
+    from onnxcomp.model import PROTOBUF_LIMIT
+
+    if model.summary()["param_bytes"] > PROTOBUF_LIMIT:
+        return
+    try:
+        onnx.checker.check_model(model.to_proto())
+    except onnx.checker.ValidationError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        first = lines[0] if lines else type(exc).__name__
+        undefined = re.search(r"must be topologically sorted, however input '([^']*)'", first)
+        if undefined:  # the export is sorted, so the checker's complaint means a tensor nothing defines
+            first = f"tensor {undefined.group(1)!r} is read but never defined (no input, initializer or node makes it)"
+        raise InputError(f"the model fails onnx.checker: {first}") from exc
 
 
 def feeds_from(data: Any) -> list[dict[str, np.ndarray]] | None:

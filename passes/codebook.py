@@ -107,6 +107,9 @@ class Codebook(Pass):
                 continue
             if any(fnmatch.fnmatchcase(node.name or "", p) or fnmatch.fnmatchcase(w.name, p) for p in cfg.exclude):
                 continue
+            if w.name not in done and not np.isfinite(w.values).all():  # no shared value can stand for NaN/Inf
+                stats["skipped_nan_inf"] = stats.get("skipped_nan_inf", 0) + 1
+                continue
             if w.name not in done:
                 values = np.asarray(w.values, np.float32)
                 centroids, indices = kmeans_1d(values, 2**cfg.bits, cfg.iterations, cfg.keep_zero)

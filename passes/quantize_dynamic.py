@@ -82,6 +82,9 @@ class QuantizeDynamic(Pass):
             values = np.asarray(w.values, np.float32)
             if isinstance(stored, LazyValues):
                 w.values = stored  # not kept loaded: a large model's float weights stay in their file
+            if not np.isfinite(values).all():  # no int scale represents NaN/Inf: this node stays float
+                stats["skipped_nan_inf"] = stats.get("skipped_nan_inf", 0) + 1
+                continue
             if trans_b:
                 values = values.T
             weight_bytes_before += values.nbytes

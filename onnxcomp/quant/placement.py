@@ -225,6 +225,8 @@ def _anchor_problem(node: gs.Node, act) -> str:
     if len(inputs) < 2 or inputs[0] is None or inputs[1] is None:
         return "missing input"
     a, b = inputs[0], inputs[1]
+    if any(_is_float_const(t) and not np.isfinite(t.values).all() for t in inputs):
+        return "a weight holds NaN or Inf (no int8 scale represents it)"
     if node.op == "Conv":
         if not _is_float_const(b):
             return "Conv weight is not a float32 constant"

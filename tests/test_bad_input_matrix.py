@@ -1,0 +1,496 @@
+"""The bad-input matrix (issue 7): every hostile or odd input against every command.
+
+Each row builds one input model (or packed file) in a folder of its own; each command runs on it
+through the CLI's entry point. Whatever the row, a run must end either in one line on stderr
+naming the problem with a non-zero exit, or in a correct result (checked on ORT) - never a
+traceback, never a partial or temporary file left in the output folder, never a changed input.
+
+Commands run in this process through `onnxcomp.cli.main` (the same code path as
+`python -m onnxcomp`, ten times faster); one test repeats a few rows through a real subprocess,
+and the path-traversal rows are also run under an audit hook that records every file opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxcomp
+from onnxcomp import container
+from onnxcomp.pipeline import LOSSLESS_TOLERANCE
+from onnxcomp.validate import generate_inputs
+
+from .helpers import (REPO, assert_one_line_error, point_external_data, run_cli, run_cli_here, small_cnn,
+                      small_cnn_weights, with_initializers)
+
+NEWEST_OPSET = onnx.defs.onnx_opset_version()
+DIMS = {"C": 3, "H": 8, "W": 8}  # sizes for the dynamic-shapes row (its weights fix C at 3)
+
+
+# ---- the rows: each writes its input into `folder` and returns the path --------------------------
+def _write(folder: Path, content: bytes | onnx.ModelProto, name: str = "model.onnx") -> Path:
+    path = folder / name
+    path.write_bytes(content if isinstance(content, bytes) else content.SerializeToString())
+    return path
+
+
+def _parse(text: str, arrays: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """A model from ONNX text, not checked (several rows are invalid on purpose)."""
+    return with_initializers(onnx.parser.parse_model(text), arrays or {})
+
+
+def _valid(text: str, arrays: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    proto = _parse(text, arrays)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _weights(*shape: int, seed: int = 0, scale: float = 0.2) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def empty(folder):
+    return _write(folder, b"")
+
+
+def truncated(folder):
+    data = small_cnn().SerializeToString()
+    return _write(folder, data[: len(data) // 2])
+
+
+def random_bytes(folder):
+    return _write(folder, np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def text_file(folder):
+    return _write(folder, b"name,value\nweights,1\nthis is a CSV file, not a model\n")
+
+
+def tensor_protobuf(folder):
+    """A valid protobuf message, but a TensorProto, not a ModelProto."""
+    return _write(folder, onnx.numpy_helper.from_array(np.ones(100, np.float32), "t").SerializeToString())
+
+
+def graph_protobuf(folder):
+    """A GraphProto saved on its own (a common mistake): a protobuf, not a model."""
+    return _write(folder, small_cnn().graph.SerializeToString())
+
+
+def ir_too_new(folder):
+    proto = small_cnn()
+    proto.ir_version = onnx.IR_VERSION + 1
+    return _write(folder, proto)
+
+
+def opset_too_new(folder):
+    proto = small_cnn()
+    proto.opset_import[0].version = NEWEST_OPSET + 1
+    return _write(folder, proto)
+
+
+def checker_undefined_input(folder):
+    """onnx.checker: 'ghost' is neither an input, an initializer nor a node output."""
+    return _write(folder, _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) { y = Add(x, ghost) }"""))
+
+
+def checker_unknown_op(folder):
+    """onnx.checker: no op 'Frobnicate' in the default domain."""
+    return _write(folder, _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) { a = Relu(x)  y = Frobnicate(a) }"""))
+
+
+def checker_bad_attribute(folder):
+    """onnx.checker: Transpose's perm is an int list, here a string."""
+    return _write(folder, _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x) => (float[4, 2] y) { y = Transpose <perm = "1,0"> (x) }"""))
+
+
+def cycle(folder):
+    return _write(folder, _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) { a = Add(x, b)  b = Relu(a)  y = Identity(b) }"""))
+
+
+def duplicate_outputs(folder):
+    return _write(folder, _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) { a = Relu(x)  a = Sigmoid(x)  y = Add(a, a) }"""))
+
+
+def _external(folder: Path, location: str) -> Path:
+    return _write(folder, point_external_data(small_cnn(), "w2", location))
+
+
+def external_missing(folder):
+    return _external(folder, "weights.bin")
+
+
+def external_short(folder):
+    (folder / "weights.bin").write_bytes(b"\0" * 1000)  # w2 needs 32,768 bytes
+    return _external(folder, "weights.bin")
+
+
+def _secret(folder: Path) -> Path:
+    """A file outside the model's folder that a traversal would read (full size, so only the
+    location check can stop it)."""
+    secret = folder.parent / "secret.bin"
+    secret.write_bytes(b"\1" * 512 * 16 * 4)
+    return secret
+
+
+def external_absolute(folder):
+    return _external(folder, str(_secret(folder)))
+
+
+def external_dotdot(folder):
+    _secret(folder)
+    return _external(folder, "../secret.bin")
+
+
+def external_symlink(folder):
+    (folder / "weights.bin").symlink_to(_secret(folder))
+    return _external(folder, "weights.bin")
+
+
+def nan_inf(folder):
+    """NaN and +-Inf in a weight and in a bias: the affected output columns are NaN/Inf, the others finite."""
+    weights = small_cnn_weights()
+    weights["w2"][0, 3] = np.nan
+    weights["w2"][5, 4] = np.inf
+    weights["b2"][[0, 1, 2]] = [np.nan, np.inf, -np.inf]
+    return _write(folder, small_cnn(**weights))
+
+
+def zero_weights(folder):
+    """Every weight zero: quantization scales come out 0 and must not divide by zero."""
+    zeros = {k: np.zeros_like(v) for k, v in small_cnn_weights().items() if k in ("w", "b", "w2", "b2")}
+    return _write(folder, small_cnn(**zeros))
+
+
+def empty_tensors(folder):
+    """An empty initializer concatenated (a no-op), and an empty tensor as an output."""
+    return _write(folder, _valid("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 32] x) => (float[1, 32] y, float[0] z) {
+            c = Concat <axis = 1> (x, e)
+            m = MatMul(c, w)
+            y = Relu(m)
+            z = Identity(e0)
+        }""", {"e": np.zeros((1, 0), np.float32), "e0": np.zeros((0,), np.float32), "w": _weights(32, 32)}))
+
+
+def zero_size_dims(folder):
+    """A batch of zero rows through MatMul, Add and Relu."""
+    return _write(folder, _valid("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[0, 32] x) => (float[0, 32] y) { m = MatMul(x, w)  a = Add(m, b)  y = Relu(a) }""",
+                                 {"w": _weights(32, 32), "b": _weights(32, seed=1)}))
+
+
+def dynamic_shapes(folder):
+    """Every input and output dimension symbolic, a Reshape fed by Shape (nothing static to fold)."""
+    return _write(folder, _valid("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, C, H, W] x) => (float[N, K] y) {
+            c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+            n = BatchNormalization (c, scale, bias, mean, var)
+            r = Relu (n)
+            p = GlobalAveragePool (r)
+            s = Shape (p)
+            two = Constant <value = int64[1] {2}> ()
+            keep = Slice (s, zero, two)
+            f = Reshape (p, keep)
+            m = MatMul (f, w2)
+            y = Add (m, b2)
+        }""", {"w": _weights(8, 3, 3, 3), "b": _weights(8, seed=1), "scale": np.ones(8, np.float32),
+               "bias": _weights(8, seed=2), "mean": _weights(8, seed=3), "var": np.ones(8, np.float32),
+               "zero": np.array([0], np.int64), "w2": _weights(8, 16, seed=4), "b2": _weights(16, seed=5)}))
+
+
+def custom_op(folder):
+    """An op of a custom domain ORT has no kernel for, between standard ops."""
+    return _write(folder, _valid("""
+        <ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>
+        g (float[1, 32] x) => (float[1, 32] y) {
+            one = Constant <value = float {1.0}> ()
+            s = Mul(one, one)
+            a = MatMul(x, w)
+            b = com.example.Mystery(a)
+            t = Add(b, s)
+            y = Relu(t)
+        }""", {"w": _weights(32, 32)}))
+
+
+def subgraph_if(folder):
+    """Both If branches read an outer weight; one has constants to fold, the other an Identity."""
+    return _write(folder, _valid("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 32] x, bool[1] cond) => (float[1, 32] y) {
+            y = If (cond) <
+                then_branch = then_g () => (float[1, 32] t) {
+                    two = Constant <value = float {2.0}> ()
+                    four = Mul(two, two)
+                    m = MatMul(x, w)
+                    t = Add(m, four)
+                },
+                else_branch = else_g () => (float[1, 32] e) {
+                    i = Identity(x)
+                    m2 = MatMul(i, w)
+                    e = Relu(m2)
+                }
+            >
+        }""", {"w": _weights(32, 32)}))
+
+
+def subgraph_loop(folder):
+    """A Loop body with a MatMul by an outer weight, a foldable constant and an Identity."""
+    return _write(folder, _valid("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 32] x) => (float[1, 32] y) {
+            n = Constant <value = int64 {3}> ()
+            go = Constant <value = bool {1}> ()
+            y = Loop (n, go, x) <body = body (int64 i, bool cond_in, float[1, 32] acc) => (bool cond_out, float[1, 32] acc_out) {
+                cond_out = Identity(cond_in)
+                half = Constant <value = float {0.5}> ()
+                h = Add(half, half)
+                m = MatMul(acc, w)
+                s = Mul(m, h)
+                acc_out = Tanh(s)
+            }>
+        }""", {"w": _weights(32, 32)}))
+
+
+def subgraph_scan(folder):
+    """A Scan over 5 steps (axis 1: axis 0 is the batch) whose body multiplies by an outer weight."""
+    return _write(folder, _valid("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 32] init, float[1, 5, 32] xs) => (float[1, 32] final, float[1, 5, 32] ys) {
+            final, ys = Scan (init, xs) <num_scan_inputs = 1, scan_input_axes = [1], scan_output_axes = [1],
+                body = body (float[1, 32] s, float[1, 32] xt) => (float[1, 32] s_out, float[1, 32] yt) {
+                    a = Add(s, xt)
+                    m = MatMul(a, w)
+                    s_out = Tanh(m)
+                    yt = Identity(s_out)
+                }>
+        }""", {"w": _weights(32, 32)}))
+
+
+# ---- what each row must give ----------------------------------------------------------------------
+COMMANDS = ("optimize", "validate", "inspect", "pack")
+
+
+@dataclass
+class Row:
+    build: Callable[[Path], Path]
+    error: str | None = None  # the one-line error every command must give (None: every command succeeds)
+    errors: dict[str, str | None] = field(default_factory=dict)  # per-command overrides (None: succeeds)
+    lossy: tuple[str, ...] = ()  # extra `optimize` pipelines whose result must run on ORT
+    lossy_errors: dict[str, str] = field(default_factory=dict)  # ... or end in this one-line error
+
+    def expected(self, command: str) -> str | None:
+        return self.errors.get(command, self.error)
+
+
+UNREADABLE = "not an ONNX model"
+ESCAPES = "escapes the model's folder"
+DESCRIBED = {"inspect": None, "pack": None}
+LOSSY = ("fold, cleanup, fuse, quantize_dynamic", "fold, cleanup, fuse, quantize", "prune(sparsity=0.5)")
+
+ROWS: dict[str, Row] = {
+    "empty": Row(empty, "the file is empty"),
+    "truncated": Row(truncated, UNREADABLE),
+    "random-bytes": Row(random_bytes, UNREADABLE),
+    "text-file": Row(text_file, UNREADABLE),
+    "tensor-protobuf": Row(tensor_protobuf, UNREADABLE),
+    "graph-protobuf": Row(graph_protobuf, UNREADABLE),
+    "ir-too-new": Row(ir_too_new, f"IR version {onnx.IR_VERSION + 1} is newer"),
+    "opset-too-new": Row(opset_too_new, f"opset {NEWEST_OPSET + 1} is newer", errors={"pack": None}),
+    # inspect describes a model as it is and pack stores it byte for byte (checked by unpacking):
+    # both are correct results for models that parse but that no pass should touch
+    "checker-undefined-input": Row(checker_undefined_input, "tensor 'ghost' is read but never defined",
+                                   errors={**DESCRIBED, "validate": "'ghost' is not a graph input"}),
+    "checker-unknown-op": Row(checker_unknown_op, "No Op registered for Frobnicate", errors=DESCRIBED),
+    "checker-bad-attribute": Row(checker_bad_attribute, "Mismatched attribute type in ' : perm'", errors={
+        **DESCRIBED, "validate": "perm"}),
+    "cycle": Row(cycle, "the graph has a cycle", errors={"pack": None}),
+    "duplicate-outputs": Row(duplicate_outputs, "tensor 'a' is written by more than one node", errors={"pack": None}),
+    "external-missing": Row(external_missing, "external data file 'weights.bin' is missing"),
+    "external-short": Row(external_short, "shorter than declared"),
+    "external-absolute": Row(external_absolute, ESCAPES),
+    "external-dotdot": Row(external_dotdot, ESCAPES),
+    "external-symlink": Row(external_symlink, ESCAPES),
+    "nan-inf": Row(nan_inf, lossy=LOSSY + ("quantize_dynamic(mode=weight_only, bits=4)", "codebook(bits=4)")),
+    "zero-weights": Row(zero_weights, lossy=LOSSY + ("fold, cleanup, fuse, quantize(per_channel=true)",
+                                                     "quantize_dynamic(mode=weight_only, bits=4, min_size=0)",
+                                                     "codebook(bits=2, min_size=0)")),
+    "empty-tensors": Row(empty_tensors, lossy=LOSSY),
+    "zero-size-dims": Row(zero_size_dims, lossy=("fold, cleanup, fuse, quantize_dynamic", "prune(sparsity=0.5)")),
+    "dynamic-shapes": Row(dynamic_shapes, lossy=LOSSY),
+    "custom-op": Row(custom_op, lossy=LOSSY, lossy_errors={  # calibration has to run the model
+        "fold, cleanup, fuse, quantize": "quantize: onnxruntime cannot load the model"}),
+    "subgraph-if": Row(subgraph_if, lossy=LOSSY),
+    "subgraph-loop": Row(subgraph_loop, lossy=LOSSY),
+    "subgraph-scan": Row(subgraph_scan, lossy=LOSSY),
+}
+
+
+# ---- running one cell and checking what must hold whatever the outcome ------------------------------
+def _snapshot(folder: Path) -> dict[str, str]:
+    """name -> sha256 of every file in the folder (links as their target path, not followed)."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            found[key] = "link:" + os.readlink(path)
+        elif path.is_file():
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@dataclass
+class Cell:
+    source: Path
+    out_dir: Path
+    done: subprocess.CompletedProcess
+
+
+def _run(tmp_path: Path, row: Row, *args: str, out_name: str | None = None, runner=run_cli_here) -> Cell:
+    model_dir, out_dir = tmp_path / "model", tmp_path / "out"
+    model_dir.mkdir(exist_ok=True)
+    out_dir.mkdir(exist_ok=True)
+    source = next(model_dir.glob("model.*"), None) or row.build(model_dir)
+    before_in, before_out = _snapshot(tmp_path / "model"), _snapshot(out_dir)
+    before_around = _snapshot(tmp_path)
+    argv = [a.replace("{in}", str(source)).replace("{out}", str(out_dir / (out_name or ""))) for a in args]
+    done = runner(*argv)
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    assert _snapshot(model_dir) == before_in, "the input folder changed"
+    # nothing new anywhere else either (no stray temporary file beside the secret, no copy of it)
+    after_around = {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith("out")}
+    assert after_around == {k: v for k, v in before_around.items() if not k.startswith("out")}
+    if done.returncode != 0:
+        assert _snapshot(out_dir) == before_out, f"a failed run left files: {_snapshot(out_dir)}"
+    return Cell(source, out_dir, done)
+
+
+def _assert_outcome(cell: Cell, expected_error: str | None) -> None:
+    if expected_error is not None:
+        assert_one_line_error(cell.done, expected_error)
+    else:
+        assert cell.done.returncode == 0, cell.done.stderr + cell.done.stdout
+
+
+def _feeds(source: Path, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Two generated inputs; the symbolic channel count gets the value the weights need."""
+    return generate_inputs(onnx.load(source), 2, seed=seed, dims=DIMS)
+
+
+def _ort_runs(source: Path) -> bool:
+    from onnxcomp.runtime import CannotRun, make_session
+
+    try:
+        make_session(source)
+        return True
+    except CannotRun:
+        return False
+
+
+def _check_same_outputs(source: Path, result: Path, tolerance) -> None:
+    """The result computes what the source does on ORT (or, where ORT cannot run the source,
+    still holds every node ORT cannot run)."""
+    if not _ort_runs(source):
+        kept = {(n.domain, n.op_type) for n in onnx.load(result).graph.node if n.domain not in ("", "ai.onnx")}
+        wanted = {(n.domain, n.op_type) for n in onnx.load(source).graph.node if n.domain not in ("", "ai.onnx")}
+        assert wanted <= kept
+        return
+    check = onnxcomp.validate(source, result, _feeds(source), tolerance=tolerance)
+    assert check.passed, check.worst()
+
+
+# ---- the matrix -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("row_name", ROWS)
+def test_optimize_lossless(row_name, tmp_path):
+    row = ROWS[row_name]
+    cell = _run(tmp_path, row, "optimize", "{in}", "-o", "{out}", "--preset", "lossless", out_name="out.onnx")
+    _assert_outcome(cell, row.expected("optimize"))
+    if cell.done.returncode == 0:
+        assert sorted(p.name for p in cell.out_dir.iterdir()) == ["out.onnx"]
+        onnx.checker.check_model(onnx.load(cell.out_dir / "out.onnx"), full_check=False)
+        _check_same_outputs(cell.source, cell.out_dir / "out.onnx", LOSSLESS_TOLERANCE)
+
+
+@pytest.mark.parametrize("row_name", ROWS)
+def test_validate(row_name, tmp_path):
+    row = ROWS[row_name]
+    cell = _run(tmp_path, row, "validate", "{in}", "{in}", "--dim", "C=3", "--dim", "H=8", "--dim", "W=8")
+    expected = row.expected("validate")
+    if expected is None and not _ort_runs(cell.source):
+        expected = "no execution provider could run the models"
+    _assert_outcome(cell, expected)
+
+
+@pytest.mark.parametrize("row_name", ROWS)
+def test_inspect(row_name, tmp_path):
+    row = ROWS[row_name]
+    cell = _run(tmp_path, row, "inspect", "{in}", "--json")
+    _assert_outcome(cell, row.expected("inspect"))
+    if cell.done.returncode == 0:
+        info = json.loads(cell.done.stdout)
+        proto = onnx.load(cell.source)
+        assert info["nodes"] == len(proto.graph.node)
+        assert [i["name"] for i in info["inputs"]] == [i.name for i in proto.graph.input]
+
+
+@pytest.mark.parametrize("row_name", ROWS)
+def test_pack(row_name, tmp_path):
+    row = ROWS[row_name]
+    cell = _run(tmp_path, row, "pack", "{in}", "-o", "{out}", out_name="out.onnxc")
+    _assert_outcome(cell, row.expected("pack"))
+    if cell.done.returncode == 0:
+        assert sorted(p.name for p in cell.out_dir.iterdir()) == ["out.onnxc"]
+        unpacked = container.read_packed_proto(cell.out_dir / "out.onnxc")
+        original = onnx.load(cell.source)
+        assert unpacked.graph.SerializeToString(deterministic=True) == \
+            original.graph.SerializeToString(deterministic=True)
+
+
+LOSSY_CELLS = [(name, spec) for name, row in ROWS.items() for spec in row.lossy]
+
+
+@pytest.mark.parametrize("row_name, spec", LOSSY_CELLS)
+def test_optimize_lossy(row_name, spec, tmp_path):
+    """Quantize / prune / codebook on odd but valid models: a model ORT runs, close to the source."""
+    row = ROWS[row_name]
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    source = row.build(model_dir)
+    extra = []
+    if re.search(r"\bquantize\b(?!_)", spec):  # static quantization needs calibration data
+        calibration = tmp_path / "calibration.npz"
+        feeds = _feeds(source, seed=1)
+        np.savez(calibration, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+        extra = ["--calibration", str(calibration)]
+    cell = _run(tmp_path, row, "optimize", "{in}", "-o", "{out}", "--pipeline", spec, *extra, out_name="out.onnx")
+    _assert_outcome(cell, row.lossy_errors.get(spec))
+    if cell.done.returncode != 0:
+        return
+    result = cell.out_dir / "out.onnx"
+    if _ort_runs(source):
+        check = onnxcomp.validate(source, result, _feeds(source), tolerance=onnxcomp.Tolerance(
+            atol=np.inf, rtol=0, min_cosine=0.9 if "prune" not in spec else 0.5))
+        assert check.passed, check.worst()
