@@ -21,14 +21,17 @@ InputError line.
 
 from __future__ import annotations
 
+import io
 import lzma
 import os
+import shutil
 import struct
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import onnx
@@ -104,23 +107,25 @@ def _raw_nbytes(tensor: onnx.TensorProto) -> int | None:
     return _declared_nbytes(tensor)
 
 
-def _payload(tensor: onnx.TensorProto) -> tuple[int, np.ndarray] | None:
-    """(field id, values in their storage dtype) of a tensor worth packing, else None."""
-    if tensor.data_type in (T.STRING, T.UNDEFINED) or (tensor.HasField("data_location")
+def _payload(tensor: onnx.TensorProto, raw: bytes | None = None) -> tuple[int, np.ndarray] | None:
+    """(field id, values in their storage dtype) of a tensor worth packing, else None. `raw`:
+    the bytes of an external tensor, read by the caller (they then count as its raw_data)."""
+    if tensor.data_type in (T.STRING, T.UNDEFINED) or (raw is None and tensor.HasField("data_location")
                                                        and tensor.data_location == T.EXTERNAL):
         return None
     if tensor.HasField("segment"):
         return None
-    if tensor.raw_data:
-        if len(tensor.raw_data) < MIN_PACKED_BYTES or _raw_nbytes(tensor) != len(tensor.raw_data):
+    raw = tensor.raw_data if raw is None else raw
+    if raw:
+        if len(raw) < MIN_PACKED_BYTES or _raw_nbytes(tensor) != len(raw):
             return None
         natural = _natural_dtype(tensor.data_type)
         storage = natural if natural is not None and natural.itemsize in UNSIGNED and \
-            len(tensor.raw_data) == _element_count(tensor) * natural.itemsize and natural.kind != "V" else np.uint8
+            len(raw) == _element_count(tensor) * natural.itemsize and natural.kind != "V" else np.uint8
         storage = np.dtype(storage).newbyteorder("<")
         if np.dtype(storage).newbyteorder("=") not in STORAGE_CODE:
             storage = np.dtype("<u2") if storage.itemsize == 2 else np.dtype(np.uint8)
-        return 1, np.frombuffer(tensor.raw_data, dtype=storage)
+        return 1, np.frombuffer(raw, dtype=storage)
     for fid, (name, dtype) in FIELDS.items():
         if fid == 1:
             continue
@@ -143,7 +148,8 @@ class _Entry:
     index: int
     field: int
     storage: int
-    stream: bytes
+    coded: int
+    coded_crc: int
     decoded: int
     decoded_crc: int
     choice: str
@@ -152,78 +158,129 @@ class _Entry:
 
 def pack_proto(proto: onnx.ModelProto, coder: str = "auto") -> tuple[bytes, dict[str, Any]]:
     """Pack a ModelProto into .onnxc bytes; returns (bytes, stats)."""
+    out = io.BytesIO()
+    stats = pack_to(proto, out, coder)
+    return out.getvalue(), stats
+
+
+def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned: bool = False,
+            external: dict[str, tuple[Path, int, int]] | None = None) -> dict[str, Any]:
+    """Write the packed model to the binary file `out`; returns the stats.
+
+    Streams: each tensor is read, coded and its stream spilled to a temporary file before the
+    next, so memory holds one tensor at a time besides the proto (the header, which lists every
+    stream, comes first in the file and is written last). `owned=True`: the proto is the
+    caller's to spend (used as the skeleton instead of a copy). `external`: tensor name ->
+    (file, offset, length) of main-graph initializers left in their (checked) data file.
+    """
     if coder not in coding.CODERS:
         raise InputError(f"unknown coder {coder!r} (choose one of: {', '.join(coding.CODERS)})")
     t0 = time.perf_counter()
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(proto)
-    found = []
-    for index, tensor in enumerate(all_tensors(skeleton)):
-        payload = _payload(tensor)
-        if payload is None:
-            continue
-        fid, values = payload
+    plain_bytes = proto.ByteSize() + sum(length for _, _, length in (external or {}).values())
+    if owned:
+        skeleton = proto
+    else:
+        skeleton = onnx.ModelProto()
+        skeleton.CopyFrom(proto)
+    external = external or {}
+    tensors = list(all_tensors(skeleton))
+    initializers = {id(t) for t in skeleton.graph.initializer} if external else set()
+
+    def payload(index: int):
+        tensor = tensors[index]
+        raw = None
+        if id(tensor) in initializers and tensor.name in external and tensor.data_location == T.EXTERNAL:
+            target, offset, length = external[tensor.name]
+            with open(target, "rb") as fh:
+                fh.seek(offset)
+                raw = fh.read(length)
+            if len(raw) != length:
+                raise InputError(f"tensor {tensor.name!r}: external data became shorter while packing")
+        return _payload(tensor, raw)
+
+    def prepared(index: int):
+        fid, values = payload(index)
+        tensor = tensors[index]
         kind, itemsize = coding.layout(tensor.data_type, values.dtype)
         unsigned = np.ascontiguousarray(values).view(UNSIGNED[values.dtype.itemsize])
         shape = tuple(int(d) for d in tensor.dims) if fid == 1 and values.size == _element_count(tensor) \
             else (values.size,)
-        found.append((index, fid, values, kind, itemsize, unsigned, shape, tensor))
-    shared = coding.fit_shared([(u, k, i, s) for _, _, _, k, i, u, s, _ in found], coder)
+        return fid, values, kind, itemsize, unsigned, shape
+
+    found = [i for i in range(len(tensors)) if payload(i) is not None]
+    shared = coding.fit_shared(_items(prepared, found), coder)
     entries = []
-    for index, fid, values, kind, itemsize, unsigned, shape, tensor in found:
-        stream, choice = coding.encode_tensor(unsigned, kind, itemsize, shape, coder, shared)
-        raw = unsigned.tobytes()
-        entries.append(_Entry(index, fid, STORAGE_CODE[np.dtype(values.dtype).newbyteorder("=")], stream,
-                              len(raw), zlib.crc32(raw), choice, tensor.name))
-        tensor.ClearField(FIELDS[fid][0])
-    encode_s = time.perf_counter() - t0
-    skel_raw = skeleton.SerializeToString()
-    options = [(0, skel_raw), (1, coding.tensor.zstd_compress(skel_raw)),
-               (2, lzma.compress(skel_raw, preset=9 | lzma.PRESET_EXTREME))]
-    skel_method, skel = min(options, key=lambda o: len(o[1]))
-    tables_raw = shared_tables.write(shared)
-    tables_xz = coding.tensor.xz_compress(tables_raw)
-    tables_blob = b"\1" + tables_xz if len(tables_xz) < len(tables_raw) else b"\0" + tables_raw
-    total = sum(e.decoded for e in entries)
-    h = Writer()
-    h.u8(skel_method)
-    h.u64(len(skel))
-    h.u64(len(skel_raw))
-    h.u32(zlib.crc32(skel))
-    h.u64(len(tables_blob))
-    h.u32(zlib.crc32(tables_blob))
-    h.u64(total)
-    h.u32(len(entries))
-    last = -1
-    for e in entries:
-        h.varint(e.index - last - 1)
-        last = e.index
-        h.u8(e.field * 16 + e.storage)
-        h.varint(len(e.stream))
-        h.varint(e.decoded)
-        h.u32(zlib.crc32(e.stream))
-        h.u32(e.decoded_crc)
-    header = h.getvalue()
-    data = b"".join([MAGIC, struct.pack("<HHII", VERSION, 0, len(header), zlib.crc32(header)), header,
-                     skel, tables_blob, *(e.stream for e in entries)])
+    with tempfile.TemporaryFile() as spill:
+        for index in found:
+            fid, values, kind, itemsize, unsigned, shape = prepared(index)
+            tensor = tensors[index]
+            stream, choice = coding.encode_tensor(unsigned, kind, itemsize, shape, coder, shared)
+            spill.write(stream)
+            entries.append(_Entry(index, fid, STORAGE_CODE[np.dtype(values.dtype).newbyteorder("=")], len(stream),
+                                  zlib.crc32(stream), unsigned.nbytes, zlib.crc32(unsigned), choice, tensor.name))
+            del stream, values, unsigned
+            tensor.ClearField(FIELDS[fid][0])
+            if tensor.data_location == T.EXTERNAL:  # unpacked, its data is inline
+                tensor.ClearField("data_location")
+                del tensor.external_data[:]
+        encode_s = time.perf_counter() - t0
+        skel_raw = skeleton.SerializeToString()
+        options = [(0, skel_raw), (1, coding.tensor.zstd_compress(skel_raw)),
+                   (2, lzma.compress(skel_raw, preset=9 | lzma.PRESET_EXTREME))]
+        skel_method, skel = min(options, key=lambda o: len(o[1]))
+        tables_raw = shared_tables.write(shared)
+        tables_xz = coding.tensor.xz_compress(tables_raw)
+        tables_blob = b"\1" + tables_xz if len(tables_xz) < len(tables_raw) else b"\0" + tables_raw
+        total = sum(e.decoded for e in entries)
+        h = Writer()
+        h.u8(skel_method)
+        h.u64(len(skel))
+        h.u64(len(skel_raw))
+        h.u32(zlib.crc32(skel))
+        h.u64(len(tables_blob))
+        h.u32(zlib.crc32(tables_blob))
+        h.u64(total)
+        h.u32(len(entries))
+        last = -1
+        for e in entries:
+            h.varint(e.index - last - 1)
+            last = e.index
+            h.u8(e.field * 16 + e.storage)
+            h.varint(e.coded)
+            h.varint(e.decoded)
+            h.u32(e.coded_crc)
+            h.u32(e.decoded_crc)
+        header = h.getvalue()
+        start = out.tell()
+        out.writelines((MAGIC, struct.pack("<HHII", VERSION, 0, len(header), zlib.crc32(header)), header,
+                        skel, tables_blob))
+        spill.seek(0)
+        shutil.copyfileobj(spill, out, 16 << 20)
+        packed_bytes = out.tell() - start
     choices: dict[str, int] = {}
     for e in entries:
         choices[e.choice] = choices.get(e.choice, 0) + 1
-    stats = {
+    return {
         "coder": coder,
-        "packed_bytes": len(data),
-        "plain_bytes": proto.ByteSize(),
+        "packed_bytes": packed_bytes,
+        "plain_bytes": plain_bytes,
         "tensor_bytes": total,
-        "coded_tensor_bytes": sum(len(e.stream) for e in entries),
+        "coded_tensor_bytes": sum(e.coded for e in entries),
         "skeleton_bytes": len(skel),
         "tables_bytes": len(tables_blob),
         "tensors": len(entries),
         "encode_seconds": encode_s,
         "choices": choices,
-        "per_tensor": {e.name or f"#{e.index}": {"bytes": e.decoded, "coded": len(e.stream), "choice": e.choice}
+        "per_tensor": {e.name or f"#{e.index}": {"bytes": e.decoded, "coded": e.coded, "choice": e.choice}
                        for e in entries},
     }
-    return data, stats
+
+
+def _items(prepared, found):
+    """(values, kind, itemsize, shape) of each tensor, one at a time, for coding.fit_shared."""
+    for index in found:
+        _, _, kind, itemsize, unsigned, shape = prepared(index)
+        yield unsigned, kind, itemsize, shape
 
 
 # ---- unpacking ---------------------------------------------------------------------------
@@ -383,31 +440,56 @@ def save_packed(model, path: str | os.PathLike, coder: str | None = None) -> Pat
     """Write a Model (or ModelProto) as .onnxc atomically, with the coder the entropy pass chose
     (model.packing) or `coder` (default auto)."""
     from onnxcomp.files import atomic_write_bytes
+    from onnxcomp.model import PROTOBUF_LIMIT
 
     packing = getattr(model, "packing", None) or {}
     coder = coder or packing.get("coder", "auto")
     proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
     cached = packing.get("_cache")
-    serialized = proto.SerializeToString(deterministic=True)
-    if cached and cached[0] == (coder, zlib.crc32(serialized), len(serialized)):
-        data = cached[1]
-    else:
-        data, _ = pack_proto(proto, coder)
-    return atomic_write_bytes(Path(path), data)
+    if cached and proto.ByteSize() <= PROTOBUF_LIMIT:  # (over 2 GB it cannot be serialized to compare)
+        serialized = proto.SerializeToString(deterministic=True)
+        if cached[0] == (coder, zlib.crc32(serialized), len(serialized)):
+            return atomic_write_bytes(Path(path), cached[1])
+    owned = not isinstance(model, onnx.ModelProto)  # to_proto() made it for us
+    return _write_atomically(Path(path), lambda out: pack_to(proto, out, coder, owned=owned))
 
 
 def pack(in_path: str | os.PathLike, out_path: str | os.PathLike, coder: str = "auto") -> dict[str, Any]:
     """Pack an .onnx file (external data included) into .onnxc; returns the stats."""
-    from onnxcomp.files import atomic_write_bytes
     from onnxcomp.model import load_proto
 
     in_path, out_path = Path(in_path), Path(out_path)
     if out_path.exists() and out_path.resolve() == in_path.resolve():
         raise OutputError(f"{out_path}: refusing to overwrite the input model")
-    data, stats = pack_proto(load_proto(in_path), coder)
-    atomic_write_bytes(out_path, data)
+    external: dict = {}  # main-graph weights in external data are read one at a time while packing
+    proto = load_proto(in_path, defer=external)
+    if coder not in coding.CODERS:
+        raise InputError(f"unknown coder {coder!r} (choose one of: {', '.join(coding.CODERS)})")
+    stats: dict[str, Any] = {}
+    _write_atomically(out_path, lambda out: stats.update(pack_to(proto, out, coder, owned=True, external=external)))
     stats["input_bytes"] = in_path.stat().st_size
     return stats
+
+
+def _write_atomically(path: Path, write) -> Path:
+    """Like onnxcomp.files.atomic_write_bytes, for a writer that streams into the open file."""
+    from onnxcomp.files import _umask
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{path}: the folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def unpack(in_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
