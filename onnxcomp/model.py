@@ -200,12 +200,16 @@ def load(source: str | os.PathLike | onnx.ModelProto | bytes | Model) -> Model:
     if isinstance(source, onnx.ModelProto):
         return Model.from_proto(source)
     if isinstance(source, (bytes, bytearray)):
-        return Model.from_proto(parse_model_bytes(bytes(source), "the given bytes"))
+        proto = parse_model_bytes(bytes(source), "the given bytes")
+        refuse_external_references(proto, "the given bytes")
+        return Model.from_proto(proto)
     path = Path(source)
     if str(path).endswith(".onnxc"):
         from onnxcomp import container  # the packed format lives in its own module
 
-        return container.load_packed(path)
+        proto = container.read_packed_proto(path)
+        refuse_external_references(proto, str(path))
+        return Model.from_proto(proto, path)
     deferred: dict[str, tuple[Path, int, int]] = {}
     proto = load_proto(path, defer=deferred)
     model = Model.from_proto(proto, path)
@@ -244,6 +248,15 @@ def parse_model_bytes(data: bytes, where: str) -> onnx.ModelProto:
             f"{where}: IR version {proto.ir_version} is newer than this onnx supports ({onnx.IR_VERSION})"
         )
     return proto
+
+
+def refuse_external_references(proto: onnx.ModelProto, where: str) -> None:
+    """A packed file or bytes in memory holds all its data: a tensor that still points at an
+    external file would be read relative to wherever the process runs. Refused before any open."""
+    for tensor in _external_tensors(proto):
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        raise InputError(f"{where}: tensor {tensor.name!r} points at an external file {location!r}; "
+                         "only an .onnx file's own folder may hold external data")
 
 
 def _external_tensors(proto: onnx.ModelProto):
@@ -420,6 +433,9 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
 
         return container.save_packed(load(model) if isinstance(model, onnx.ModelProto) else model, path)
     if isinstance(model, onnx.ModelProto):
+        # its external data (if any) was never loaded: the saved model would point at a file
+        # that is not beside it, or anywhere (a packed file's skeleton, say)
+        refuse_external_references(model, str(source or "the model"))
         proto = onnx.ModelProto()
         proto.CopyFrom(model)  # moving weights to external data edits the proto: not the caller's
         if external_data is None:

@@ -290,6 +290,56 @@ def subgraph_scan(folder):
         }""", {"w": _weights(32, 32)}))
 
 
+# packed (.onnxc) inputs, for `unpack` (and every other command: they all read .onnxc too)
+def _packed(proto: onnx.ModelProto) -> bytes:
+    return container.pack_proto(proto)[0]
+
+
+def packed_empty(folder):
+    return _write(folder, b"", "model.onnxc")
+
+
+def packed_truncated(folder):
+    data = _packed(small_cnn())
+    return _write(folder, data[: len(data) // 2], "model.onnxc")
+
+
+def packed_random_bytes(folder):
+    return _write(folder, np.random.default_rng(8).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "model.onnxc")
+
+
+def packed_text(folder):
+    return _write(folder, b"ONNXC is a packed format; this is only text about it\n", "model.onnxc")
+
+
+def packed_plain_onnx(folder):
+    """A plain .onnx model under the packed name."""
+    return _write(folder, small_cnn(), "model.onnxc")
+
+
+def packed_newer_version(folder):
+    """A packed file from a future onnxcomp: the version field after the magic is raised."""
+    data = bytearray(_packed(small_cnn()))
+    data[len(container.MAGIC):len(container.MAGIC) + 2] = (container.VERSION + 1).to_bytes(2, "little")
+    return _write(folder, bytes(data), "model.onnxc")
+
+
+def packed_external_reference(folder):
+    """A well-formed packed file whose skeleton still points a weight at a file outside its folder:
+    reading it must not follow the reference (nor unpacking write it out)."""
+    return _write(folder, _packed(point_external_data(small_cnn(), "w2", str(_secret(folder)))), "model.onnxc")
+
+
+def _packed_row(build: Callable[[Path], Path]) -> Callable[[Path], Path]:
+    """The packed form of another row's (parseable) model."""
+    def packed(folder):
+        plain = build(folder)
+        data = _packed(onnx.load(plain))
+        plain.unlink()
+        return _write(folder, data, "model.onnxc")
+    return packed
+
+
 # ---- what each row must give ----------------------------------------------------------------------
 COMMANDS = ("optimize", "validate", "inspect", "pack")
 
@@ -348,6 +398,22 @@ ROWS: dict[str, Row] = {
     "subgraph-scan": Row(subgraph_scan, lossy=LOSSY),
 }
 
+NOT_PACKED = "not a packed onnxcomp model"
+PACKED_ROWS: dict[str, Row] = {  # `pack` reads .onnx: a packed file is not one (or, renamed, it is)
+    "packed-empty": Row(packed_empty, NOT_PACKED, errors={"pack": "the file is empty"}),
+    "packed-truncated": Row(packed_truncated, "truncated", errors={"pack": UNREADABLE}),
+    "packed-random-bytes": Row(packed_random_bytes, NOT_PACKED, errors={"pack": UNREADABLE}),
+    "packed-text": Row(packed_text, NOT_PACKED, errors={"pack": UNREADABLE}),
+    "packed-plain-onnx": Row(packed_plain_onnx, NOT_PACKED, errors={"pack": None}),
+    "packed-newer-version": Row(packed_newer_version, f"packed format version {container.VERSION + 1} is not supported",
+                                errors={"pack": UNREADABLE}),
+    "packed-external-reference": Row(packed_external_reference, "points at an external file",
+                                     errors={"pack": UNREADABLE}),
+    "packed-cycle": Row(_packed_row(cycle), "the graph has a cycle", errors={"pack": UNREADABLE, "unpack": None}),
+    "packed-subgraphs": Row(_packed_row(subgraph_loop), errors={"pack": UNREADABLE}),
+    "packed-nan-inf": Row(_packed_row(nan_inf), errors={"pack": UNREADABLE}),
+}
+
 
 # ---- running one cell and checking what must hold whatever the outcome ------------------------------
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -395,16 +461,23 @@ def _assert_outcome(cell: Cell, expected_error: str | None) -> None:
         assert cell.done.returncode == 0, cell.done.stderr + cell.done.stdout
 
 
+def _proto(source: Path) -> onnx.ModelProto:
+    """The model a row's file holds (a packed one decoded), without following external data."""
+    if source.suffix == ".onnxc":
+        return container.read_packed_proto(source)
+    return onnx.load(source, load_external_data=False)
+
+
 def _feeds(source: Path, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Two generated inputs; the symbolic channel count gets the value the weights need."""
-    return generate_inputs(onnx.load(source), 2, seed=seed, dims=DIMS)
+    return generate_inputs(_proto(source), 2, seed=seed, dims=DIMS)
 
 
 def _ort_runs(source: Path) -> bool:
     from onnxcomp.runtime import CannotRun, make_session
 
     try:
-        make_session(source)
+        make_session(_proto(source))
         return True
     except CannotRun:
         return False
@@ -414,18 +487,21 @@ def _check_same_outputs(source: Path, result: Path, tolerance) -> None:
     """The result computes what the source does on ORT (or, where ORT cannot run the source,
     still holds every node ORT cannot run)."""
     if not _ort_runs(source):
-        kept = {(n.domain, n.op_type) for n in onnx.load(result).graph.node if n.domain not in ("", "ai.onnx")}
-        wanted = {(n.domain, n.op_type) for n in onnx.load(source).graph.node if n.domain not in ("", "ai.onnx")}
-        assert wanted <= kept
+        def custom(proto):
+            return {(n.domain, n.op_type) for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
+        assert custom(_proto(source)) <= custom(onnx.load(result))
         return
-    check = onnxcomp.validate(source, result, _feeds(source), tolerance=tolerance)
+    check = onnxcomp.validate(_proto(source), result, _feeds(source), tolerance=tolerance)
     assert check.passed, check.worst()
 
 
-# ---- the matrix -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("row_name", ROWS)
+# ---- the matrix: every row x every command ----------------------------------------------------------------
+EVERY_ROW = {**ROWS, **PACKED_ROWS}
+
+
+@pytest.mark.parametrize("row_name", EVERY_ROW)
 def test_optimize_lossless(row_name, tmp_path):
-    row = ROWS[row_name]
+    row = EVERY_ROW[row_name]
     cell = _run(tmp_path, row, "optimize", "{in}", "-o", "{out}", "--preset", "lossless", out_name="out.onnx")
     _assert_outcome(cell, row.expected("optimize"))
     if cell.done.returncode == 0:
@@ -434,9 +510,9 @@ def test_optimize_lossless(row_name, tmp_path):
         _check_same_outputs(cell.source, cell.out_dir / "out.onnx", LOSSLESS_TOLERANCE)
 
 
-@pytest.mark.parametrize("row_name", ROWS)
+@pytest.mark.parametrize("row_name", EVERY_ROW)
 def test_validate(row_name, tmp_path):
-    row = ROWS[row_name]
+    row = EVERY_ROW[row_name]
     cell = _run(tmp_path, row, "validate", "{in}", "{in}", "--dim", "C=3", "--dim", "H=8", "--dim", "W=8")
     expected = row.expected("validate")
     if expected is None and not _ort_runs(cell.source):
@@ -444,29 +520,39 @@ def test_validate(row_name, tmp_path):
     _assert_outcome(cell, expected)
 
 
-@pytest.mark.parametrize("row_name", ROWS)
+@pytest.mark.parametrize("row_name", EVERY_ROW)
 def test_inspect(row_name, tmp_path):
-    row = ROWS[row_name]
+    row = EVERY_ROW[row_name]
     cell = _run(tmp_path, row, "inspect", "{in}", "--json")
     _assert_outcome(cell, row.expected("inspect"))
     if cell.done.returncode == 0:
         info = json.loads(cell.done.stdout)
-        proto = onnx.load(cell.source)
+        proto = _proto(cell.source)
         assert info["nodes"] == len(proto.graph.node)
         assert [i["name"] for i in info["inputs"]] == [i.name for i in proto.graph.input]
 
 
-@pytest.mark.parametrize("row_name", ROWS)
+@pytest.mark.parametrize("row_name", EVERY_ROW)
 def test_pack(row_name, tmp_path):
-    row = ROWS[row_name]
+    row = EVERY_ROW[row_name]
     cell = _run(tmp_path, row, "pack", "{in}", "-o", "{out}", out_name="out.onnxc")
     _assert_outcome(cell, row.expected("pack"))
-    if cell.done.returncode == 0:
+    if cell.done.returncode == 0:  # stored byte for byte
         assert sorted(p.name for p in cell.out_dir.iterdir()) == ["out.onnxc"]
         unpacked = container.read_packed_proto(cell.out_dir / "out.onnxc")
-        original = onnx.load(cell.source)
-        assert unpacked.graph.SerializeToString(deterministic=True) == \
-            original.graph.SerializeToString(deterministic=True)
+        assert unpacked.SerializeToString(deterministic=True) == \
+            onnx.load(cell.source).SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("row_name", PACKED_ROWS)
+def test_unpack(row_name, tmp_path):
+    row = PACKED_ROWS[row_name]
+    cell = _run(tmp_path, row, "unpack", "{in}", "-o", "{out}", out_name="out.onnx")
+    _assert_outcome(cell, row.expected("unpack"))
+    if cell.done.returncode == 0:  # the model that was packed, byte for byte
+        assert sorted(p.name for p in cell.out_dir.iterdir()) == ["out.onnx"]
+        assert onnx.load(cell.out_dir / "out.onnx").SerializeToString(deterministic=True) == \
+            _proto(cell.source).SerializeToString(deterministic=True)
 
 
 LOSSY_CELLS = [(name, spec) for name, row in ROWS.items() for spec in row.lossy]
