@@ -22,6 +22,7 @@ InputError line.
 from __future__ import annotations
 
 import io
+import functools
 import lzma
 import os
 import shutil
@@ -92,6 +93,7 @@ def _element_count(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
 
 
+@functools.lru_cache(maxsize=None)
 def _natural_dtype(data_type: int) -> np.dtype | None:
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))

@@ -89,6 +89,59 @@ def test_rans_groups_decode_in_order():
     assert np.array_equal(out[0], a) and np.array_equal(out[1], b)
 
 
+def test_fast_rans_groups_with_their_tables_decode_exactly_near_the_entropy():
+    from onnxcomp.coding import fastrans
+
+    rng = np.random.default_rng(3)
+    wide = np.clip(np.round(rng.laplace(0, 20, 30000)), -128, 127).astype(np.int8).view(np.uint8)
+    narrow = np.clip(np.round(rng.laplace(0, 2, 20000)), -128, 127).astype(np.int8).view(np.uint8)
+    symbols = np.concatenate([wide[:10000], narrow[:7], wide[10000:], narrow[7:]])  # odd sizes: lanes cross groups
+    sizes = np.array([10000, 7, 20000, 19993])
+    ids = np.array([0, 1, 0, 1])
+    tabs = np.stack([models.quantize_counts(np.bincount(x, minlength=256)) for x in (wide, narrow)])
+    data = fastrans.encode(symbols, sizes, ids, tabs)
+    assert np.array_equal(fastrans.decode(data, sizes, ids, tabs, "t"), symbols)
+    ideal = (models.entropy_bits(np.bincount(wide, minlength=256))
+             + models.entropy_bits(np.bincount(narrow, minlength=256))) / 8
+    assert len(data) < 1.01 * ideal + 64  # 12-bit tables cost well under 1 %
+
+
+def test_fast_rans_normalized_tables_sum_exactly_and_keep_the_support():
+    from onnxcomp.coding import fastrans
+
+    counts = np.zeros(256, np.int64)
+    counts[[3, 10, 200]] = [1, 10**6, 5]
+    freq = fastrans.normalize(counts)
+    assert freq.sum() == fastrans.TOTAL and (freq[3:201] >= 1).all() and not freq[:3].any() and not freq[201:].any()
+
+
+def test_fast_rans_refuses_corrupt_streams_cleanly():
+    from onnxcomp.coding import fastrans
+
+    rng = np.random.default_rng(4)
+    symbols = np.clip(np.round(rng.laplace(0, 5, 5000)), -128, 127).astype(np.int8).view(np.uint8)
+    tab = models.quantize_counts(np.bincount(symbols, minlength=256))[None]
+    data = bytearray(fastrans.encode(symbols, [5000], [0], tab))
+    failures = 0
+    for trial in range(200):
+        bad = bytearray(data)
+        if trial % 3 == 0:
+            bad = bad[:rng.integers(0, len(bad))]
+        elif trial % 3 == 1:
+            bad += bytes(rng.integers(0, 256, 2 * int(rng.integers(1, 4))).astype(np.uint8))
+        else:
+            bad[rng.integers(0, len(bad))] ^= 1 << int(rng.integers(0, 8))
+        try:
+            out = fastrans.decode(bytes(bad), [5000], [0], tab, "t")
+        except CorruptStream:
+            failures += 1
+            continue
+        assert out.size == 5000  # a flip that still decodes (the container's checksum catches it)
+    assert failures > 150
+    with pytest.raises(CorruptStream, match="table ids"):
+        fastrans.decode(bytes(data), [5000], [1], tab, "t")
+
+
 def test_reader_refuses_reading_past_the_end():
     w = Writer()
     w.varint(300)

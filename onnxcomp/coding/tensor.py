@@ -17,12 +17,15 @@ from onnxcomp.coding import models, planes as P
 from onnxcomp.coding.io import CorruptStream, Reader, Writer
 from onnxcomp.coding.tables import UNCODABLE, row_costs
 
-RAW, CONST, ZSTD, RANS, SHARED, HUFF, XZ = range(7)
-NAMES = {RAW: "raw", CONST: "const", ZSTD: "zstd", RANS: "rans", SHARED: "rans*", HUFF: "huffman", XZ: "xz"}
+# RANS and SHARED are constriction's rANS (still decoded, no longer written: it decodes at about
+# 40 MB/s); FRANS and FSHARED are the same tables coded by the table-driven rANS in fastrans.
+RAW, CONST, ZSTD, RANS, SHARED, HUFF, XZ, FRANS, FSHARED = range(9)
+NAMES = {RAW: "raw", CONST: "const", ZSTD: "zstd", RANS: "rans-v1", SHARED: "rans*-v1", HUFF: "huffman", XZ: "xz",
+         FRANS: "rans", FSHARED: "rans*"}
 CODERS = ("auto", "huffman", "rans", "zstd", "raw")
 PLANE_METHODS = {
-    "auto": (CONST, RAW, ZSTD, RANS, SHARED),
-    "rans": (CONST, RAW, RANS, SHARED),
+    "auto": (CONST, RAW, ZSTD, FRANS, FSHARED),
+    "rans": (CONST, RAW, FRANS, FSHARED),
     "huffman": (CONST, RAW, HUFF),
 }
 ZSTD_BIG = 2 << 20  # above this many bytes zstd uses a faster level (19 is ~5 MB/s)
@@ -30,18 +33,25 @@ XZ_DICT = 1 << 20  # the dictionary (not the data) caps what xz allocates
 XZ_MAX = 1 << 16    # xz is slow to encode and decodes at ~25 MB/s: tried on small tensors only
 
 
+def _xz_dict(n: int) -> int:
+    """Dictionary for n decoded bytes: no larger than needed, since the decoder allocates (and
+    clears) all of it; any size >= n decodes the same data, so older streams still decode."""
+    return min(XZ_DICT, max(4096, 1 << (max(n, 1) - 1).bit_length()))
+
+
 def xz_compress(data: bytes) -> bytes:
     import lzma
 
     return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[
-        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": XZ_DICT}])
+        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": _xz_dict(len(data))}])
 
 
 def xz_decompress(data: bytes | memoryview, n: int, where: str) -> bytes:
     import lzma
 
     try:
-        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": XZ_DICT}])
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2,
+                                                                    "dict_size": _xz_dict(n)}])
         out = d.decompress(bytes(data), max_length=n)
     except lzma.LZMAError as exc:
         raise CorruptStream(f"{where}: xz data cannot be decoded ({exc})") from exc
@@ -105,6 +115,7 @@ def _decode_ids(r: Reader, count: int, where: str) -> np.ndarray:
 
 def encode_plane(plane: np.ndarray, lengths: np.ndarray, methods, shared: np.ndarray | None,
                  hists: np.ndarray | None = None) -> tuple[int, bytes]:
+    from onnxcomp.coding import fastrans  # imports numba: only when a plane is coded
     n = plane.size
     if n == 0:
         return RAW, b""
@@ -119,27 +130,19 @@ def encode_plane(plane: np.ndarray, lengths: np.ndarray, methods, shared: np.nda
         if len(payload) < len(best[1]):
             best = (method, payload)
 
-    if RANS in methods and models.entropy_bits(hist) / 8 < n:
+    if FRANS in methods and models.entropy_bits(hist) / 8 < n:
         w = Writer()
         models.write_table(w, own)
-        offer(RANS, w.getvalue() + models.rans_encode([(plane, own)]))
-    if SHARED in methods and shared is not None and len(shared) and len(lengths) > 1:
+        offer(FRANS, w.getvalue() + fastrans.encode(plane, [n], [0], own[None]))
+    if FSHARED in methods and shared is not None and len(shared) and len(lengths) > 1:
         if hists is None:
             hists = P.row_hists(plane, lengths)
         costs = row_costs(hists, shared)
         ids = np.argmin(costs, axis=1)
-        used = np.unique(ids)
         if costs[np.arange(len(ids)), ids].max() < UNCODABLE:
-            perm = _row_perm(lengths, ids)
-            sorted_syms = plane[perm]
-            counts = np.bincount(np.repeat(ids, lengths), minlength=len(shared))
-            groups, pos = [], 0
-            for t in used:
-                groups.append((sorted_syms[pos:pos + counts[t]], shared[t]))
-                pos += counts[t]
             w = Writer()
             w.blob(_encode_ids(ids))
-            offer(SHARED, w.getvalue() + models.rans_encode(groups))
+            offer(FSHARED, w.getvalue() + fastrans.encode(plane, lengths, ids, shared))
     if HUFF in methods:
         w = Writer()
         models.write_table(w, own)
@@ -165,13 +168,22 @@ def decode_plane(method: int, payload: memoryview, n: int, lengths: np.ndarray, 
         return np.frombuffer(zstd_decompress(payload, n, where), np.uint8)
     if method == XZ:
         return np.frombuffer(xz_decompress(payload, n, where), np.uint8)
+    from onnxcomp.coding import fastrans  # imports numba: only when a plane is decoded
+
     r = Reader(payload, where)
-    if method in (RANS, HUFF):
+    if method in (RANS, HUFF, FRANS):
         table = models.read_table(r)
         rest = r.raw(r.left())
         if method == HUFF:
             return models.huffman_decode(rest, n, table, where)
+        if method == FRANS:
+            return fastrans.decode(rest, [n], [0], table[None], where)
         return models.rans_decode(rest, [(n, table)], where)[0]
+    if method == FSHARED:  # rows in their natural order, each with its shared table
+        ids = _decode_ids(Reader(r.blob(), where), len(lengths), where)
+        if len(ids) != len(lengths) or (len(ids) and ids.max() >= len(shared)):
+            raise CorruptStream(f"{where}: table ids do not match the shared tables")
+        return fastrans.decode(r.raw(r.left()), lengths, ids, shared, where)
     if method == SHARED:
         ids = _decode_ids(Reader(r.blob(), where), len(lengths), where)
         if len(ids) != len(lengths) or (len(ids) and ids.max() >= len(shared)):
