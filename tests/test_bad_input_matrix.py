@@ -18,9 +18,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -31,8 +31,16 @@ from onnxcomp import container
 from onnxcomp.pipeline import LOSSLESS_TOLERANCE
 from onnxcomp.validate import generate_inputs
 
-from .helpers import (REPO, assert_one_line_error, point_external_data, run_cli, run_cli_here, small_cnn,
-                      small_cnn_weights, with_initializers)
+from .helpers import (
+    REPO,
+    assert_one_line_error,
+    point_external_data,
+    run_cli,
+    run_cli_here,
+    small_cnn,
+    small_cnn_weights,
+    with_initializers,
+)
 
 NEWEST_OPSET = onnx.defs.onnx_opset_version()
 DIMS = {"C": 3, "H": 8, "W": 8}  # sizes for the dynamic-shapes row (its weights fix C at 3)
@@ -580,3 +588,136 @@ def test_optimize_lossy(row_name, spec, tmp_path):
         check = onnxcomp.validate(source, result, _feeds(source), tolerance=onnxcomp.Tolerance(
             atol=np.inf, rtol=0, min_cosine=0.9 if "prune" not in spec else 0.5))
         assert check.passed, check.worst()
+
+
+# ---- path traversal: refused before any file outside the model's folder is opened -----------------------
+AUDITED_RUN = r'''
+import json, os, sys
+from pathlib import Path
+
+watched = {Path(p).resolve() for p in json.loads(sys.argv[1])}  # files outside the models' folders
+events = []
+
+def _watched(path):
+    try:
+        return isinstance(path, (str, os.PathLike)) and Path(path).resolve() in watched
+    except OSError:
+        return False
+
+def hook(event, args):  # every open() in Python, numpy and onnx's Python side raises "open"
+    if event == "open" and args and _watched(args[0]):
+        mode, flags = args[1], args[2] if len(args) > 2 else 0
+        writes = bool(mode and any(c in mode for c in "wax+")) or bool(flags & (os.O_WRONLY | os.O_RDWR))
+        events.append({"open": str(args[0]), "writes": writes})
+    elif event == "os.rename" and _watched(args[1]):  # os.replace raises it too
+        events.append({"renamed_onto": str(args[1])})
+
+sys.addaudithook(hook)
+from onnxcomp.cli import main
+
+results = []
+for argv in json.loads(sys.argv[2]):
+    before = len(events)
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    results.append({"argv": argv, "code": code, "events": events[before:]})
+print(json.dumps(results))
+'''
+
+
+def _audited(watched: list[Path], commands: list[list[str]]) -> tuple[list[dict], str]:
+    """Run CLI commands in one fresh process under an audit hook; per command: exit code and
+    what it did to the watched files (opened, for writing or not; renamed onto). Returns
+    (results, stderr)."""
+    done = subprocess.run([sys.executable, "-c", AUDITED_RUN, json.dumps([str(p) for p in watched]),
+                           json.dumps(commands)], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+TRAVERSALS = {"external-absolute": external_absolute, "external-dotdot": external_dotdot,
+              "external-symlink": external_symlink, "packed-external-reference": packed_external_reference}
+
+
+def test_traversal_is_refused_before_the_outside_file_is_opened(tmp_path):
+    """Every traversal row x every command, in a real process under an audit hook: each ends in
+    one error line, and the file outside the model's folder is never opened."""
+    commands, secrets, outs = [], [], []
+    for name, build in TRAVERSALS.items():
+        folder = tmp_path / name / "model"
+        folder.mkdir(parents=True)
+        source = build(folder)
+        secrets.append(folder.parent / "secret.bin")
+        out = folder.parent / "out"
+        out.mkdir()
+        outs.append(out)
+        commands += [["optimize", str(source), "-o", str(out / "o.onnx"), "--preset", "lossless"],
+                     ["validate", str(source), str(source)], ["inspect", str(source)],
+                     ["pack", str(source), "-o", str(out / "o.onnxc")], ["unpack", str(source), "-o", str(out / "u.onnx")]]
+    results, stderr = _audited(secrets, commands)
+    for result in results:
+        assert result["code"] == 2 and result["events"] == [], result
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert len(errors) == len(commands) and all(line.startswith("error: ") for line in errors), stderr
+    assert sum(ESCAPES in line or "points at an external file" in line for line in errors) == 3 * 4 + 4
+    assert all(list(out.iterdir()) == [] for out in outs)
+
+
+def test_the_audit_hook_does_see_the_outside_file_when_it_is_read(tmp_path):
+    """The hook above is not blind: reading a model whose external data is the watched file
+    shows that file opened."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnxcomp.save(onnxcomp.load(small_cnn()), folder / "model.onnx", external_data=True)
+    results, stderr = _audited([folder / "model.onnx.data"], [["inspect", str(folder / "model.onnx")]])
+    assert results[0]["code"] == 0 and results[0]["events"], stderr
+    assert not any(e.get("writes") for e in results[0]["events"])
+
+
+# ---- writing over the input: only with --force, and only once the new file is complete ------------------
+@pytest.mark.parametrize("command, source_name, extra", [
+    ("optimize", "model.onnx", ["--preset", "lossless"]),
+    ("pack", "model.onnxc", []),
+    ("unpack", "model.onnxc", []),
+])
+def test_writing_over_the_input_is_refused_without_force(command, source_name, extra, tmp_path):
+    source = tmp_path / source_name
+    source.write_bytes(_packed(small_cnn()) if source_name.endswith(".onnxc") else small_cnn().SerializeToString())
+    before = _snapshot(tmp_path)
+    assert_one_line_error(run_cli_here(command, source, "-o", source, *extra), "refusing to overwrite the input")
+    assert _snapshot(tmp_path) == before
+
+
+def test_force_replaces_the_input_only_by_renaming_the_finished_file_over_it(tmp_path):
+    """In a real process under an audit hook: with --force the input is never opened for writing
+    (so never truncated or half-written); the finished file is renamed onto it. A run that fails
+    with --force leaves the input as it was."""
+    source = tmp_path / "model.onnx"
+    source.write_bytes(small_cnn().SerializeToString())
+    original = source.read_bytes()
+    failing = ["optimize", str(source), "-o", str(source), "--force", "--pipeline", "fold, quantize"]  # no calibration
+    working = ["optimize", str(source), "-o", str(source), "--force", "--preset", "lossless"]
+    results, stderr = _audited([source], [failing, working])
+    assert results[0]["code"] == 2 and "quantize needs calibration data" in stderr
+    assert not any(e.get("writes") or "renamed_onto" in e for e in results[0]["events"])
+    assert results[1]["code"] == 0, stderr
+    assert not any(e.get("writes") for e in results[1]["events"]), results[1]["events"]
+    assert any("renamed_onto" in e for e in results[1]["events"]), results[1]["events"]
+    assert source.read_bytes() != original and len(onnx.load(source).graph.node) < len(small_cnn().graph.node)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+# ---- the same entry point as a user's shell: a few rows through `python -m onnxcomp` --------------------
+@pytest.mark.parametrize("row_name, command", [("truncated", "optimize"), ("cycle", "inspect"),
+                                               ("external-symlink", "pack"), ("packed-text", "unpack"),
+                                               ("subgraph-if", "optimize")])
+def test_rows_through_a_real_process(row_name, command, tmp_path):
+    row = EVERY_ROW[row_name]
+    args = {"optimize": ("optimize", "{in}", "-o", "{out}", "--preset", "lossless"), "inspect": ("inspect", "{in}"),
+            "pack": ("pack", "{in}", "-o", "{out}"), "unpack": ("unpack", "{in}", "-o", "{out}")}[command]
+    out_name = {"pack": "out.onnxc"}.get(command, "out.onnx")
+    cell = _run(tmp_path, row, *args, out_name=out_name, runner=run_cli)
+    _assert_outcome(cell, row.expected(command))
