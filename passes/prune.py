@@ -210,12 +210,35 @@ def _prune_magnitude(layer: hs.WeightLayer, count: int, n: int, m: int, changed:
         return
     w = np.asarray(layer.weight.values)
     nonzero = np.count_nonzero(w)
-    rows = layer.to_rows(w)
-    mask = hs.magnitude_mask(rows, count, n, m)
-    new = layer.from_rows(np.where(mask, np.zeros((), w.dtype), rows)).astype(w.dtype, copy=False)
+    if m:
+        rows = layer.to_rows(w)
+        mask = hs.magnitude_mask(rows, count, n, m)
+        new = layer.from_rows(np.where(mask, np.zeros((), w.dtype), rows)).astype(w.dtype, copy=False)
+    else:
+        new = _zero_smallest(w, count)
     if np.count_nonzero(new) != nonzero:  # magnitude pruning only zeroes weights
         changed.add(layer.name)
     layer.weight.values = new  # replaced, never edited in place: Model.copy() shares arrays
+
+
+def _zero_smallest(w: np.ndarray, count: int) -> np.ndarray:
+    """A copy of `w` with its `count` smallest |w| set to zero (of equal values at the threshold,
+    the first ones in memory order): hessian.magnitude_mask's choice in about 2x the tensor's
+    memory instead of 6x (its argpartition copies the tensor and makes int64 indices), which
+    matters for weights of hundreds of MB."""
+    flat = np.abs(w).ravel()
+    flat.partition(count - 1)  # in place: flat is our own copy
+    threshold = flat[count - 1]
+    del flat
+    below = np.abs(w) < threshold  # (a temporary the size of w, then bools)
+    extra = count - int(np.count_nonzero(below))
+    if extra > 0:  # part of the weights equal to the threshold go too
+        ties = np.flatnonzero(np.abs(w) == threshold)[:extra]
+        if len(ties) < extra:  # NaN weights: no threshold orders them; let argpartition decide
+            mask = hs.magnitude_mask(w.reshape(1, 1, -1), count)
+            return np.where(mask.reshape(w.shape), np.zeros((), w.dtype), w)
+        below.flat[ties] = True
+    return np.where(below, np.zeros((), w.dtype), w)
 
 
 def _result(layers, changed: set[str], skipped, counts) -> PassResult:
