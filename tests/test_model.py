@@ -12,6 +12,8 @@ import onnxcomp
 from onnxcomp import InputError, OutputError
 from onnxcomp.model import load_proto
 
+from .helpers import point_external_data
+
 
 LINEAR = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -75,12 +77,7 @@ def test_saving_over_the_input_is_refused_unless_forced(tmp_path):
 
 
 def _with_external_location(tmp_path, location: str) -> os.PathLike:
-    proto = _linear_with_weight()
-    tensor = proto.graph.initializer[0]
-    onnx.external_data_helper.set_external_data(tensor, location=location, offset=0, length=64 * 32 * 4)
-    tensor.ClearField("raw_data")
-    tensor.ClearField("float_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
+    proto = point_external_data(_linear_with_weight(), "w", location)
     path = tmp_path / "model" / "m.onnx"
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(proto.SerializeToString())
