@@ -332,6 +332,56 @@ def unpack(
     out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
 
 
+@app.command()
+def distill(
+    teacher: Path = typer.Argument(..., help="The uncompressed model (.onnx) whose outputs are the targets."),
+    student: Path = typer.Argument(..., help="The compressed model to retrain (.onnx or .onnxc)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx (or .onnxc, entropy-coded)."),
+    data: Path = typer.Option(..., "--data", help="Training inputs (.npz or image folder); no labels needed."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy/.npz) for a hard-label term."),
+    evaluation: Optional[Path] = typer.Option(None, "--evaluation", help="Held-out .npz to measure before/after."),
+    epochs: int = typer.Option(20, "--epochs"),
+    steps: int = typer.Option(0, "--steps", help="Optimizer steps instead of epochs."),
+    lr: float = typer.Option(3e-3, "--lr"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    temperature: float = typer.Option(4.0, "--temperature"),
+    alpha: float = typer.Option(0.5, "--alpha", help="Weight of the hard-label term (with labels)."),
+    feature: list[str] = typer.Option([], "--feature", help="Intermediate tensor to match too (repeatable)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Allow writing over the student file."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Retrain STUDENT to match TEACHER (knowledge distillation), keeping its pruning, codebooks and int8."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from onnxcomp.distill import DistillConfig, distill_file
+
+    for path in (teacher, student, data):
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+    _check_output_path(output, student, force)
+    cfg = DistillConfig(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, temperature=temperature,
+                        alpha=alpha, features=tuple(feature), seed=seed, device=device)
+    with Progress(TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("distill", total=None, loss="-")
+        summary = distill_file(teacher, student, output, data, cfg, labels=labels, evaluation=evaluation, force=force,
+                               progress=lambda step, total, loss: bar.update(task, completed=step, total=total,
+                                                                             loss=f"{loss:.4f}"))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    out.print(f"{summary['steps']} steps on {summary['device']} in {summary['seconds']:.1f}s; loss "
+              f"{summary['loss_first']:.4g} → {summary['loss_last']:.4g}", markup=False)
+    for when in ("before", "after"):
+        out.print(f"{when} ({summary['evaluated_on']}): " + ", ".join(f"{k} {v:.4f}" for k, v in summary[when].items()),
+                  markup=False)
+    if "teacher" in summary and "accuracy" in summary["teacher"]:
+        out.print(f"teacher accuracy {summary['teacher']['accuracy']:.4f}", markup=False)
+    out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
+
+
 export_app = typer.Typer(no_args_is_help=True, help="Export a model from a training framework to ONNX, verified on ORT.")
 app.add_typer(export_app, name="export")
 

@@ -700,3 +700,78 @@ def _check_against_ort(module, student: Model, feed: dict[str, np.ndarray], devi
                             f"(max abs {diff:.3g}); please report this model")
         worst = max(worst, diff)
     return worst
+
+
+# ---- the `onnxcomp distill` job ----------------------------------------------------------------
+def agreement(model, feeds: list[dict[str, np.ndarray]], reference: list[np.ndarray],
+              labels: np.ndarray | None = None) -> dict[str, float]:
+    """First output of `model` on ORT vs `reference` (the teacher's, per feed): cosine, top-1
+    agreement when it is [N, C], and accuracy against `labels`."""
+    from onnxcomp.runtime import make_session, run
+
+    session = make_session(model, "cpu", threads=1)
+    got = [next(iter(run(session, f).values())) for f in feeds]
+    a = np.concatenate([g.reshape(len(g), -1) for g in got]).astype(np.float64)
+    b = np.concatenate([r.reshape(len(r), -1) for r in reference]).astype(np.float64)
+    cos = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    out = {"cosine": float(np.mean(cos))}
+    if a.shape[1] > 1 and got[0].ndim == 2:
+        out["top1_agree"] = float(np.mean(a.argmax(1) == b.argmax(1)))
+        if labels is not None:
+            out["accuracy"] = float(np.mean(a.argmax(1) == labels))
+    return out
+
+
+def read_labels(path) -> np.ndarray:
+    """Labels from .npy, or from .npz (an array named `labels`, or its only array)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False).reshape(-1)
+        with np.load(path, allow_pickle=False) as npz:
+            if "labels" in npz.files:
+                return npz["labels"].reshape(-1)
+            if len(npz.files) == 1:
+                return npz[npz.files[0]].reshape(-1)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read labels ({exc})") from exc
+    raise InputError(f"{path}: no array named 'labels'")
+
+
+def distill_file(teacher, student, output, data, cfg: DistillConfig, *, labels=None, evaluation=None,
+                 force: bool = False, progress=None) -> dict[str, Any]:
+    """`onnxcomp distill`: train STUDENT against TEACHER on `data` and save the result to `output`
+    (.onnxc: entropy-coded). Agreement with the teacher (and accuracy, with labels in the
+    evaluation data) is measured on ORT before and after, on `evaluation` or else on `data`."""
+    from onnxcomp.calibration import CalibrationData
+    from onnxcomp.context import PassContext
+    from onnxcomp.gate import split_labels
+    from onnxcomp.model import load, save
+
+    teacher_model, model = load(teacher), load(student)
+    names = [t.name for t in model.graph.inputs]
+    if [t.name for t in teacher_model.graph.inputs] != names:
+        raise InputError("the teacher and the student have different inputs")
+    train = list(CalibrationData.from_source(data, input_names=names))
+    train, data_labels = split_labels(train, set(names))
+    labels = read_labels(labels) if labels is not None else data_labels
+    held = list(CalibrationData.from_source(evaluation, input_names=names)) if evaluation is not None else None
+    eval_feeds, eval_labels = split_labels(held, set(names)) if held else (train, labels)
+    eval_feeds = batches(eval_feeds, 256)
+    first = [t.name for t in teacher_model.graph.outputs][:1]
+    reference = [t[0] for t in teacher_outputs(teacher_model, eval_feeds, first)]
+    before = agreement(model, eval_feeds, reference, eval_labels)
+    result = distill(model, teacher_model, train, cfg, labels=labels, progress=progress)
+    after = agreement(model, eval_feeds, reference, eval_labels)
+    summary = {"before": before, "after": after, **result.stats(), "seconds": round(result.seconds, 2),
+               "labels": labels is not None, "evaluated_on": "evaluation" if held else "training data"}
+    if eval_labels is not None:
+        summary["teacher"] = agreement(teacher_model, eval_feeds, reference, eval_labels)
+    if str(output).endswith(".onnxc"):
+        from onnxcomp.pipeline import Pipeline
+
+        model = Pipeline.parse("entropy").run(model, PassContext()).model
+    save(model, output, force=force, source=student)
+    return summary
