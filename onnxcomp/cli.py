@@ -472,7 +472,8 @@ def registry_optimize(
     out.print(result.report.table())
     m = result.metrics
     out.print(f"registered {result.name} version {result.version} (run {result.run_id}) from {result.source} "
-              f"with {result.pipeline}: {m['size_bytes_before']:,} -> {m['size_bytes_after']:,} bytes", markup=False)
+              f"with {result.pipeline}: {m['size_bytes_before']:,} -> {m['size_bytes_after']:,} bytes",
+              markup=False, soft_wrap=True)
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: temp files are cleaned up
