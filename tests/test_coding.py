@@ -103,7 +103,7 @@ def test_fast_rans_groups_with_their_tables_decode_exactly_near_the_entropy():
     assert np.array_equal(fastrans.decode(data, sizes, ids, tabs, "t"), symbols)
     ideal = (models.entropy_bits(np.bincount(wide, minlength=256))
              + models.entropy_bits(np.bincount(narrow, minlength=256))) / 8
-    assert len(data) < 1.01 * ideal + 64  # 12-bit tables cost well under 1 %
+    assert len(data) < 1.01 * ideal + 64  # the 14-bit tables cost well under 1 %
 
 
 def test_fast_rans_normalized_tables_sum_exactly_and_keep_the_support():

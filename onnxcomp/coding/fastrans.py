@@ -5,8 +5,9 @@ about 40 M symbols/s from Python, because every symbol is looked up by a binary 
 model that constriction's Python API builds; the packed format's target is 100 MB/s of decoded
 weights on one core. A static rANS with a slot -> symbol lookup table decodes several times
 faster, and constriction does not expose one to Python. This module is that coder and nothing
-else: 12-bit probabilities (the tables are the ones `models` already stores, normalized here to
-sum exactly 4096), 32-bit states renormalized by 16-bit words, four interleaved states.
+else: 14-bit probabilities (the tables are the ones `models` already stores, scaled here to sum
+exactly 2**14; the finer grain keeps the symbols between the present ones, which must stay
+codable, from taking mass), 32-bit states renormalized by 16-bit words, four interleaved states.
 
 Stream: little-endian u16 words; the decoder reads them forward. Groups of symbols, each with its
 own table, follow one another in one stream (the shared-table coder codes each table's rows as
@@ -21,7 +22,7 @@ import numpy as np
 
 from onnxcomp.coding.io import CorruptStream
 
-PROB_BITS = 12
+PROB_BITS = 14
 TOTAL = 1 << PROB_BITS
 LOW = 1 << 16  # states live in [LOW, 2**32)
 LANES = 4
@@ -63,13 +64,16 @@ def _tables(counts_list: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return freq, cum
 
 
-def _slot_tables(freq: np.ndarray, cum: np.ndarray) -> np.ndarray:
+@numba.njit(cache=True, nogil=True)
+def _slot_tables(freq, cum):
     """Per slot of each table: symbol << 32 | its frequency << 16 | (slot - its cumulative
     frequency), the decoder's one lookup per symbol (indexed by the state's low bits)."""
-    sym = np.stack([np.repeat(np.arange(256, dtype=np.int64), f) for f in freq])
-    rows = np.arange(len(freq))[:, None]
-    bias = np.arange(TOTAL, dtype=np.int64)[None, :] - cum[rows, sym]
-    return (sym << 32) | (freq[rows, sym] << 16) | bias
+    out = np.empty((freq.shape[0], TOTAL), np.int64)
+    for t in range(freq.shape[0]):
+        for s in range(256):
+            for k in range(freq[t, s]):
+                out[t, cum[t, s] + k] = (s << 32) | (freq[t, s] << 16) | k
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
