@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("torch", reason="distillation trains with PyTorch (the models extra)")
 pytest.importorskip("sklearn", reason="the digits CNN is trained on scikit-learn's digits (the models extra)")
 
-import onnxcomp  # noqa: E402
-from onnxcomp.distill import DistillConfig, distill  # noqa: E402
-from tests.helpers import assert_one_line_error, run_cli  # noqa: E402
+import onnxcomp
+from onnxcomp.distill import DistillConfig, distill
+from tests.helpers import assert_one_line_error, run_cli
 
 PRUNE = "fold, cleanup, fuse, prune(sparsity=0.93, scope=global)"
 
