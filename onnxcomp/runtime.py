@@ -73,7 +73,7 @@ def make_session(model, provider: str = "cpu", threads: int | None = 1, optimize
     if name not in ort.get_available_providers():
         raise RuntimeUnavailable(f"{provider}: {name} is not available in this onnxruntime build")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # ORT's own ERROR lines on stderr would double our CannotRun message
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -21,12 +21,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
 def run_cli_here(*args: str) -> subprocess.CompletedProcess:
     """The same as run_cli, through onnxcomp.cli.main in this process (about 10x faster: no start-up).
 
-    Warnings are printed to the captured stderr as a separate process would print them, so a
-    stray warning line fails the one-line checks here too.
+    Warnings are printed to the captured stderr as a separate process would print them, and
+    what native code (ONNX Runtime's logger) writes to file descriptor 2 is captured too, so a
+    stray line fails the one-line checks here as it would in a shell.
     """
     import contextlib
     import io
+    import os
     import signal
+    import tempfile
     import warnings
 
     from onnxcomp.cli import main
@@ -34,17 +37,25 @@ def run_cli_here(*args: str) -> subprocess.CompletedProcess:
     argv = [str(a) for a in args]
     stdout, stderr = io.StringIO(), io.StringIO()
     code, sigterm = 0, signal.getsignal(signal.SIGTERM)  # main() installs its own SIGTERM handler
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
-            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
-        try:
-            main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            signal.signal(signal.SIGTERM, sigterm)
-    return subprocess.CompletedProcess(["onnxcomp", *argv], code, stdout.getvalue(), stderr.getvalue())
+    native, saved_fd = tempfile.TemporaryFile(), os.dup(2)
+    os.dup2(native.fileno(), 2)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+            try:
+                main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+    with native:
+        native.seek(0)
+        native_lines = native.read().decode("utf-8", "replace")
+    return subprocess.CompletedProcess(["onnxcomp", *argv], code, stdout.getvalue(), stderr.getvalue() + native_lines)
 
 
 def model_from_text(text: str) -> onnx.ModelProto:

@@ -467,6 +467,7 @@ def _assert_outcome(cell: Cell, expected_error: str | None) -> None:
         assert_one_line_error(cell.done, expected_error)
     else:
         assert cell.done.returncode == 0, cell.done.stderr + cell.done.stdout
+        assert cell.done.stderr == "", cell.done.stderr  # not even ONNX Runtime's own log lines
 
 
 def _proto(source: Path) -> onnx.ModelProto:

@@ -90,7 +90,7 @@ def _broadcast_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
 # the steps; the fusion patterns (Conv + BN + affine, MatMul + bias) and what fold/cleanup/fuse act
 # on appear more than once so that most examples exercise a rewrite
 KINDS = (["conv_bn"] * 4 + ["matmul"] * 3 + ["transposes", "reshapes", "fold_me"] * 2
-         + ["unary", "const_binary", "neutral", "pool_binary", "concat", "shape_reshape", "dead_branch",
+         + ["unary", "const_binary", "neutral", "noop_op", "pool_binary", "concat", "shape_reshape", "dead_branch",
             "duplicate_initializers", "constant_node", "flatten"])
 
 
@@ -107,6 +107,31 @@ def step(draw, b: Builder, x: tuple[str, tuple[int, ...]]) -> None:
     elif kind == "neutral":  # no-ops cleanup must remove without changing a bit
         op, value = draw(st.sampled_from([("Mul", 1.0), ("Div", 1.0), ("Sub", 0.0), ("Add", -0.0)]))
         b.node(op, [name, b.const(np.full(draw(st.sampled_from([(), (shape[-1],)])), value, np.float32))], shape)
+    elif kind == "noop_op":  # ops that are no-ops only for these exact arguments: cleanup's riskier rules
+        rank = len(shape)
+        op = draw(st.sampled_from(["Cast", "Dropout", "Expand", "Slice", "Pad", "Concat", "Transpose", "Slice_part"]))
+        if op == "Cast":
+            b.node("Cast", [name], shape, to=TensorProto.FLOAT)
+        elif op == "Dropout":
+            b.node("Dropout", [name], shape)
+        elif op == "Expand":  # to its own shape, or to a broadcastable smaller one: both leave x as is
+            target = shape if draw(st.booleans()) else (1,) * rank
+            b.node("Expand", [name, b.const(np.array(target, np.int64))], shape)
+        elif op == "Slice":
+            big = np.iinfo(np.int64).max
+            b.node("Slice", [name, b.const(np.zeros(rank, np.int64)), b.const(np.full(rank, big, np.int64))], shape)
+        elif op == "Slice_part":  # NOT a no-op: keeps a part (cleanup must keep it)
+            axis = draw(st.integers(0, rank - 1))
+            if shape[axis] > 1:
+                out = tuple(d - 1 if i == axis else d for i, d in enumerate(shape))
+                b.node("Slice", [name, b.const(np.array([1], np.int64)), b.const(np.array([shape[axis]], np.int64)),
+                                 b.const(np.array([axis], np.int64))], out)
+        elif op == "Pad":
+            b.node("Pad", [name, b.const(np.zeros(2 * rank, np.int64))], shape)
+        elif op == "Concat":
+            b.node("Concat", [name], shape, axis=0)
+        else:
+            b.node("Transpose", [name], shape, perm=list(range(rank)))
     elif kind == "pool_binary":
         same = [t for t in b.pool if t[1] == shape]
         other = draw(st.sampled_from(same))[0]
