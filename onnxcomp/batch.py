@@ -15,7 +15,9 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -220,10 +222,47 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def _stop_signals_deferred():
+    """Turn Ctrl-C and SIGTERM into a flag the scheduling loop checks, so that a signal never cuts
+    a worker's start short (that leaves a half-started, untracked process printing a traceback).
+    They stay blocked while a worker starts, too: the worker inherits that mask and lifts it in
+    `_child`, so a Ctrl-C that reaches it during its start-up is delivered there, cleanly."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has handlers
+        yield requested
+        return
+    previous = {number: signal.signal(number, lambda signum, frame: requested.append(signum))
+                for number in _STOP_SIGNALS}
+    try:
+        yield requested
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextmanager
+def _blocked(signals: set[int]):
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _child(job: BatchJob, conn) -> None:
     """A worker process: SIGTERM unwinds like Ctrl-C so the atomic writes remove their temp files."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         conn.send(run_one(job))
     except KeyboardInterrupt:
         pass
@@ -238,35 +277,39 @@ def _run_processes(jobs: list[BatchJob], workers: int, done: Callable[[ModelResu
     context = multiprocessing.get_context("spawn")
     pending = list(jobs)
     running: dict[Any, tuple[Any, BatchJob]] = {}  # result pipe -> (process, job)
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                job = pending.pop(0)
-                receive, send = context.Pipe(duplex=False)
-                process = context.Process(target=_child, args=(job, send),
-                                          name=f"onnxcomp {Path(job.model).name}")
-                process.start()
-                send.close()  # so that the pipe reads EOF if the child dies without answering
-                running[receive] = (process, job)
-            for receive in wait(list(running)):
-                process, job = running.pop(receive)
-                try:
-                    result = receive.recv()
-                except EOFError:
-                    result = None
-                receive.close()
+    with _stop_signals_deferred() as stop_requested:
+        try:
+            while pending or running:
+                while pending and len(running) < workers and not stop_requested:
+                    job = pending.pop(0)
+                    receive, send = context.Pipe(duplex=False)
+                    process = context.Process(target=_child, args=(job, send),
+                                              name=f"onnxcomp {Path(job.model).name}")
+                    with _blocked(_STOP_SIGNALS):
+                        process.start()
+                    send.close()  # so that the pipe reads EOF if the child dies without answering
+                    running[receive] = (process, job)
+                if stop_requested:
+                    raise KeyboardInterrupt
+                for receive in wait(list(running), timeout=0.2):  # short: a stop request is seen soon
+                    process, job = running.pop(receive)
+                    try:
+                        result = receive.recv()
+                    except EOFError:
+                        result = None
+                    receive.close()
+                    process.join()
+                    if result is None:
+                        reason = f"the worker process died ({_exit_reason(process.exitcode)})"
+                        result = ModelResult(job.model, None, "error", reason)
+                        _remove_leftovers(Path(job.output))
+                    done(result)
+        except BaseException:
+            for process, _ in running.values():
+                process.terminate()
+            for process, _ in running.values():
                 process.join()
-                if result is None:
-                    reason = f"the worker process died ({_exit_reason(process.exitcode)})"
-                    result = ModelResult(job.model, None, "error", reason)
-                    _remove_leftovers(Path(job.output))
-                done(result)
-    except BaseException:
-        for process, _ in running.values():
-            process.terminate()
-        for process, _ in running.values():
-            process.join()
-        raise
+            raise
 
 
 def _exit_reason(code: int | None) -> str:

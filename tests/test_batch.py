@@ -249,3 +249,31 @@ def test_cli_ray_without_ray_installed_is_one_line_saying_how_to_install(model_f
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert_one_line_error(done, "--ray needs Ray", "pip install 'onnxcomp[ray]'")
     assert not outdir.exists()
+
+
+def test_cli_batch_stopped_by_sigterm_leaves_only_complete_outputs(tmp_path):
+    folder, outdir = tmp_path / "many", tmp_path / "out"
+    folder.mkdir()
+    data = _small_models()["conv_batchnorm"].SerializeToString()
+    for i in range(30):  # far more than can finish between the first progress line and the signal
+        (folder / f"m{i:02d}.onnx").write_bytes(data)
+    command = [sys.executable, "-m", "onnxcomp", "optimize", str(folder), "-o", str(outdir),
+               "--pipeline", LOSSLESS, "--jobs", "2"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        assert first.startswith("[1/30] "), first
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, rest
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted after ") and "no partial output was written" in last
+    assert "Traceback" not in rest
+    written = sorted(outdir.iterdir())
+    assert 1 <= len(written) < 30
+    for path in written:  # only complete models: no temporary files, each one loads and checks
+        assert not path.name.startswith("."), path
+        onnx.checker.check_model(onnx.load(path))
