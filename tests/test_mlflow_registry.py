@@ -196,3 +196,30 @@ def test_without_mlflow_the_error_says_how_to_install_it(tmp_path):
             "main(['registry', 'optimize', '--model', 'm', '--version', '1', '--preset', 'lossless'])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert_one_line_error(done, "pip install 'onnxcomp[mlflow]'")
+
+
+def test_the_default_local_store_with_a_plain_onnx_artifact(registry, tmp_path):
+    """No server and no --tracking-uri: ./mlruns.db with artifacts beside it. The source version is
+    a plain .onnx file logged by a run (no mlflow.onnx flavour); the result goes to --target-name."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("training", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    run = client.create_run(experiment)
+    client.log_artifact(run.info.run_id, str(registry["data"] / "digits.onnx"), "exported")
+    client.create_registered_model(MODEL)
+    client.create_model_version(MODEL, f"{run.info.artifact_uri}/exported", run_id=run.info.run_id)
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-m", "onnxcomp", "registry", "optimize", "--model", MODEL, "--version", "1",
+                           "--preset", "lossless", "--target-name", f"{MODEL}-compressed"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    version = client.get_model_version(f"{MODEL}-compressed", "1")
+    assert version.tags["onnxcomp.source"] == f"models:/{MODEL}/1"
+    assert version.tags["onnxcomp.source_run_id"] == run.info.run_id
+    assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
+    # The run's files went to the folder beside the database, not to ./mlruns.
+    assert (tmp_path / "mlartifacts" / version.run_id / "artifacts" / "onnxcomp" / "report.json").is_file()
+    assert not (tmp_path / "mlruns").exists()
