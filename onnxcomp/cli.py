@@ -57,11 +57,32 @@ def _tolerance(atol: Optional[float], rtol: Optional[float], min_cosine: Optiona
     return tol
 
 
+def _onto_input(output: Path, source: Path) -> bool:
+    return output.exists() and source.exists() and output.resolve() == source.resolve()
+
+
+def _staged(output: Path, write):
+    """--force onto the input itself, for writers that refuse their input as output (container's):
+    `write` makes the complete file(s) in a staging folder beside OUTPUT, then they replace it by
+    rename, data files before the model - never a half-written input. Returns what `write` does."""
+    import shutil
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        result = write(staging / output.name)
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == output.name):
+            os.replace(item, output.parent / item.name)
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _check_output_path(output: Path, source: Path, force: bool) -> None:
     """Fail before any work when the output cannot or must not be written."""
     if not output.parent.exists():
         raise OutputError(f"{output}: the folder {output.parent} does not exist")
-    if output.exists() and source.exists() and output.resolve() == source.resolve() and not force:
+    if _onto_input(output, source) and not force:
         raise OutputError(f"{output}: refusing to overwrite the input model (use --force)")
 
 
@@ -309,7 +330,10 @@ def pack(
 
     _check_output_path(output, model, force)
     with err.status("packing…"):
-        stats = container.pack(model, output, coder)
+        if _onto_input(output, model):  # with --force
+            stats = _staged(output, lambda path: container.pack(model, path, coder))
+        else:
+            stats = container.pack(model, output, coder)
     if as_json:
         print(json.dumps({k: v for k, v in stats.items() if k != "per_tensor"}, indent=2, default=str))
         return
@@ -328,7 +352,10 @@ def unpack(
 
     _check_output_path(output, packed, force)
     with err.status("unpacking…"):
-        container.unpack(packed, output)
+        if _onto_input(output, packed):  # with --force
+            _staged(output, lambda path: container.unpack(packed, path))
+        else:
+            container.unpack(packed, output)
     out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
 
 

@@ -713,6 +713,23 @@ def test_force_replaces_the_input_only_by_renaming_the_finished_file_over_it(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_pack_and_unpack_with_force_rename_the_finished_file_onto_the_input(tmp_path):
+    packed = tmp_path / "model.onnxc"
+    packed.write_bytes(_packed(small_cnn()))
+    plain = tmp_path / "model.onnx"
+    plain.write_bytes(small_cnn().SerializeToString())
+    results, stderr = _audited([packed, plain], [["unpack", str(packed), "-o", str(packed), "--force"],
+                                                 ["pack", str(plain), "-o", str(plain), "--force"]])
+    for result in results:
+        assert result["code"] == 0, stderr
+        assert not any(e.get("writes") for e in result["events"]), result
+        assert any("renamed_onto" in e for e in result["events"]), result
+    # (unpack's output format follows the output's name, so .onnxc comes out packed again)
+    assert container.read_packed_proto(packed).graph == small_cnn().graph
+    assert container.read_packed_proto(plain).graph == small_cnn().graph  # packed in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnxc"]
+
+
 # ---- the same entry point as a user's shell: a few rows through `python -m onnxcomp` --------------------
 @pytest.mark.parametrize("row_name, command", [("truncated", "optimize"), ("cycle", "inspect"),
                                                ("external-symlink", "pack"), ("packed-text", "unpack"),

@@ -17,6 +17,8 @@ loaded machine); the whole module runs in about 20 s on 2 cores.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -41,6 +43,7 @@ OPSET = 17
 # mistake (a wrong channel, a missed epsilon, a bias added twice are all O(1e-1) or larger).
 TOLERANCE_REL_TO_MAX = 1e-5
 TOLERANCE_RTOL = 1e-4
+STEPS = int(os.environ.get("ONNXCOMP_FUZZ_STEPS", "8"))  # steps per graph (raise it for a longer local hunt)
 REASSOCIATING = {"batchnorm_folded", "conv_add_folded", "conv_mul_folded", "mul_chains_merged",
                  "add_chains_merged", "gemm_fused"}
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
@@ -216,7 +219,7 @@ def random_graphs(draw) -> onnx.ModelProto:
     else:
         shape = (draw(st.integers(1, 3)), draw(st.integers(2, 6)))
     b.pool.append(("x", shape))
-    for _ in range(draw(st.integers(1, 8))):
+    for _ in range(draw(st.integers(1, STEPS))):
         recent = b.pool[-3:]  # mostly extend the recent tensors, so the graph gets deep
         step(draw, b, draw(st.sampled_from(recent)))
     produced = [t for t in b.pool if t[0] != "x"] or [(b.node("Identity", ["x"], shape), shape)]
