@@ -161,8 +161,11 @@ def _optimize(source_path: Path, pipeline, out: Path, *, calibration, evaluation
     from onnxcomp.runtime import CannotRun, RuntimeUnavailable, interleaved_latency_ms
     from onnxcomp.validate import generate_inputs
 
-    result = optimize(source_path, pipeline, calibration, providers, evaluation=evaluation, preprocess=preprocess,
-                      tolerance=tolerance, progress=progress, gate=gate)
+    try:
+        result = optimize(source_path, pipeline, calibration, providers, evaluation=evaluation,
+                          preprocess=preprocess, tolerance=tolerance, progress=progress, gate=gate)
+    except GateFailed as exc:
+        raise GateFailed(f"{exc}; nothing was registered") from None
     validation = result.report.validation or {}
     if validation.get("passed") is False:  # the same rule as `onnxcomp optimize`
         raise GateFailed("the result is outside tolerance, nothing was registered: " + validation["summary"])

@@ -169,7 +169,7 @@ def test_a_failed_gate_registers_nothing(registry, tmp_path):
     done = run_cli("registry", "optimize", "--tracking-uri", server, "--model", MODEL, "--version", "1",
                    "--pipeline", "prune(sparsity=0.99)", "--min-cosine", "0.9999", "--budget", "0", cwd=tmp_path)
     assert done.returncode == 1
-    assert_one_line_error(done, "cosine")
+    assert_one_line_error(done, "cosine", "nothing was registered")
     assert _store_state(client) == before
 
 
