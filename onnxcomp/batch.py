@@ -293,11 +293,7 @@ def _run_processes(jobs: list[BatchJob], workers: int, done: Callable[[ModelResu
                     raise KeyboardInterrupt
                 for receive in wait(list(running), timeout=0.2):  # short: a stop request is seen soon
                     process, job = running.pop(receive)
-                    try:
-                        result = receive.recv()
-                    except EOFError:
-                        result = None
-                    receive.close()
+                    result = _receive(receive)
                     process.join()
                     if result is None:
                         reason = f"the worker process died ({_exit_reason(process.exitcode)})"
@@ -307,9 +303,22 @@ def _run_processes(jobs: list[BatchJob], workers: int, done: Callable[[ModelResu
         except BaseException:
             for process, _ in running.values():
                 process.terminate()
-            for process, _ in running.values():
+            for receive, (process, _) in running.items():
                 process.join()
+                result = _receive(receive)
+                if result is not None:  # it finished before it was stopped: count it
+                    done(result)
             raise
+
+
+def _receive(receive) -> ModelResult | None:
+    """The worker's result, or None when it ended without sending one."""
+    try:
+        return receive.recv() if receive.poll() else None
+    except EOFError:
+        return None
+    finally:
+        receive.close()
 
 
 def _exit_reason(code: int | None) -> str:
