@@ -124,6 +124,8 @@ def fetch_onnx(mlflow, client, model_version, tracking_uri: str, dst: Path) -> P
 
         flavors = MlflowModel.load(str(local / "MLmodel")).flavors
         found = [local / flavors["onnx"]["data"]] if "onnx" in flavors else sorted(local.rglob("*.onnx"))
+        if found and local.resolve() not in found[0].resolve().parents:  # an MLmodel pointing elsewhere
+            raise InputError(f"MLflow: {what}: the onnx flavour's file {found[0].name!r} is outside the model folder")
     else:
         found = sorted(local.rglob("*.onnx"))
     if not found and model_version.run_id:
