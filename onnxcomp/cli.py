@@ -88,7 +88,7 @@ def _check_output_path(output: Path, source: Path, force: bool) -> None:
 
 @app.command()
 def optimize(
-    models: list[Path] = typer.Argument(..., metavar="MODEL...",
+    models: list[Path] = typer.Argument(..., metavar="MODEL",
                                         help="Input .onnx model; several models or folders (every *.onnx in them) "
                                              "run in batch mode."),
     output: Path = typer.Option(..., "-o", "--output",
