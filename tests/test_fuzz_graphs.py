@@ -94,7 +94,7 @@ def _broadcast_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
 # on appear more than once so that most examples exercise a rewrite
 KINDS = (["conv_bn"] * 4 + ["matmul"] * 3 + ["transposes", "reshapes", "fold_me"] * 2
          + ["unary", "const_binary", "neutral", "noop_op", "pool_binary", "concat", "shape_reshape", "dead_branch",
-            "duplicate_initializers", "constant_node", "flatten"])
+            "duplicate_initializers", "duplicate_node", "constant_node", "flatten"])
 
 
 def step(draw, b: Builder, x: tuple[str, tuple[int, ...]]) -> None:
@@ -203,6 +203,11 @@ def step(draw, b: Builder, x: tuple[str, tuple[int, ...]]) -> None:
         values = b.weights(shape[-1])
         t = b.node("Add", [name, b.const(values)], shape)
         b.node("Mul", [t, b.const(values.copy())], shape)
+    elif kind == "duplicate_node":  # the same op on the same input twice: cleanup merges the two nodes
+        op = draw(st.sampled_from(["Relu", "Sigmoid", "Neg"]))
+        first, second = b.node(op, [name], shape), b.node(op, [name], shape)
+        if draw(st.booleans()):
+            b.node("Add", [first, second], shape)
     elif kind == "constant_node":
         value = b.weights(shape[-1])
         c = b.node("Constant", [], None, value=onnx.numpy_helper.from_array(value, b.fresh("v")))
