@@ -63,13 +63,21 @@ def _run_chain(folder: Path, layers: int, width: int) -> None:
         assert result["ok"], (packed, result)
 
 
-def test_external_data_model_streams_through_the_passes(tmp_path):
-    _run_chain(tmp_path, layers=5, width=4096)
+@pytest.fixture
+def big_folder(tmp_path):
+    """tmp_path, emptied afterwards: pytest keeps the last runs' folders, and these hold GBs."""
+    yield tmp_path
+    for path in tmp_path.iterdir():
+        path.unlink()
+
+
+def test_external_data_model_streams_through_the_passes(big_folder):
+    _run_chain(big_folder, layers=5, width=4096)
 
 
 @pytest.mark.large
-def test_2_5_gb_model_streams_through_the_passes(tmp_path):
-    _run_chain(tmp_path, layers=10, width=8192)
+def test_2_5_gb_model_streams_through_the_passes(big_folder):
+    _run_chain(big_folder, layers=10, width=8192)
 
 
 def test_save_streams_weights_without_loading_them(tmp_path):
