@@ -452,9 +452,10 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
     try:
         staged = staging / path.name
         data_name = path.name + ".data"
+        moved: list = []  # (Constant, offset, length) of weights copied from their file unread
         if external_data and proto is None:
             with open(staging / data_name, "wb") as data:
-                proto = _export_streaming(model, data, data_name)
+                proto = _export_streaming(model, data, data_name, moved)
         elif external_data:
             _typed_fields_to_raw_data(proto)
             external_data_helper.convert_model_to_external_data(
@@ -466,6 +467,11 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
         # Data first, then the model file that refers to it: the model never points at nothing.
         if external_data and (staging / data_name).exists() and (staging / data_name).stat().st_size:
             os.replace(staging / data_name, folder / data_name)
+            # Those weights now read from the new file: the one they came from may just have been
+            # replaced (saving over the input with force), and its offsets differ.
+            for const, offset, length in moved:
+                if isinstance(const._values, ExternalValues):
+                    const._values = ExternalValues(const._values._meta, (folder / data_name).resolve(), offset, length)
         os.replace(staged, path)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
@@ -546,15 +552,18 @@ def _point_nowhere(meta: onnx.TensorProto, const: gs.Constant) -> None:
     _set_location(meta, "(not loaded)", 0, constant_nbytes(const))
 
 
-def _export_streaming(model: Model, data, data_name: str) -> onnx.ModelProto:
+def _export_streaming(model: Model, data, data_name: str, moved: list) -> onnx.ModelProto:
     """Export `model` with its weights written to the open file `data`, one tensor at a time,
-    so no protobuf (and no second copy of the weights) ever holds them all."""
+    so no protobuf (and no second copy of the weights) ever holds them all. `moved` receives
+    (Constant, offset, length) for each ExternalValues weight copied."""
 
     def place(const, meta):
         data.write(b"\0" * (-data.tell() % EXTERNAL_DATA_ALIGN))
         offset = data.tell()
         _write_data(const, data)
         _set_location(meta, data_name, offset, data.tell() - offset)
+        if isinstance(const._values, ExternalValues):
+            moved.append((const, offset, data.tell() - offset))
 
     with _weights_as_stubs(model, place):
         proto = model.to_proto()

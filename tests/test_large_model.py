@@ -87,3 +87,17 @@ def test_save_streams_weights_without_loading_them(tmp_path):
     save(model, tmp_path / "out.onnx", external_data=True)
     assert all(isinstance(c._values, (ExternalValues, LazyValues)) for c in model.initializers().values())
     assert bench.tensor_hashes_of_model(original) == bench.tensor_hashes_of_model(tmp_path / "out.onnx")
+
+
+def test_saving_over_the_input_keeps_the_open_model_right(tmp_path):
+    """Saved over its own file (force), a loaded model's unread weights read from the new file
+    (whose offsets differ), not from stale offsets in the replaced one."""
+    original = large.build(tmp_path / "m.onnx", layers=2, width=256)
+    expected = bench.tensor_hashes_of_model(original)
+    model = load(original)
+    model.initializers()["b0_half"].values = model.initializers()["b0_half"].values * 2  # shifts the layout
+    save(model, original, external_data=True, force=True, source=original)
+    save(model, tmp_path / "again.onnx", external_data=True)
+    again = bench.tensor_hashes_of_model(tmp_path / "again.onnx")
+    assert again["b0_half"] != expected["b0_half"]
+    assert {k: v for k, v in again.items() if k != "b0_half"} == {k: v for k, v in expected.items() if k != "b0_half"}
