@@ -8,8 +8,8 @@ The distill passes train on the training split's images without labels (the teac
 them); one row adds the labels (hard-label term). Sizes are packed .onnxc bytes.
 
 MiniLM: sentence-embedding cosine vs fp32 after 70 % magnitude pruning, before and after a
-short distillation (hidden-state MSE) on the zoo's calibration sentences plus sentences from
-README.md; evaluated on the zoo's held-out sentences (disjoint).
+short distillation (hidden-state MSE) on the zoo's calibration sentences plus those of the
+MiniLM package's model card; evaluated on the zoo's held-out sentences (disjoint).
 
 `--quick`: one digits setting and a few MiniLM steps.
 """
@@ -70,8 +70,11 @@ def digits_rows(quick: bool) -> tuple[list[dict], dict]:
     return rows, {"fp32_bytes": fp32_bytes, "fp32_test_acc": base, "train_samples": len(train)}
 
 
-def readme_sentences() -> list[str]:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def model_card_sentences() -> list[str]:
+    """Sentences of the MiniLM package's model card (README.md): text at hand that does not change."""
+    from models import minilm
+
+    text = (minilm.model_dir() / "README.md").read_text()
     parts = re.split(r"(?<=[.!?])\s+|\n", text)
     return [p.strip() for p in parts if 6 <= len(p.split()) <= 30 and not p.strip().startswith(("|", "`", "#", "-", "<"))]
 
@@ -87,7 +90,7 @@ def minilm_row(quick: bool) -> dict:
     pruned = onnxcomp.optimize(entry.path, "fold, cleanup, prune(sparsity=0.7)", check=False).model
     before = entry.evaluate(pruned.to_proto())
     length = 32  # padded (attention 0) so that sentences batch together
-    sentences = minilm.SENTENCES[0::2] + readme_sentences()
+    sentences = minilm.SENTENCES[0::2] + model_card_sentences()
     feeds = [f for f in (minilm.encode(s, pad_to=length) for s in sentences) if f["input_ids"].shape[1] == length]
     steps = 10 if quick else 150
     cfg = DistillConfig(steps=steps, lr=2e-4, batch_size=8)
