@@ -544,6 +544,10 @@ def teacher_outputs(teacher, data: list[dict[str, np.ndarray]], names: list[str]
     from onnxcomp.runtime import CannotRun, make_session, run
 
     proto = load(teacher).to_proto()
+    known = {o for n in proto.graph.node for o in n.output}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise InputError(f"distill: the teacher has no tensor named {missing[0]!r}")
     session = make_session(with_extra_outputs(proto, names[len(proto.graph.output):], typed=False), "cpu", threads=None)
     result = []
     for feed in data:

@@ -99,6 +99,26 @@ def test_same_seed_gives_the_same_losses(digits, pruned):
     assert other != runs[0]
 
 
+def test_feature_distillation_matches_a_named_hidden_tensor_and_refuses_unknown_names(digits, pruned):
+    from onnxcomp.errors import InputError
+
+    entry, train = digits
+    hidden = next(n.outputs[0].name for n in pruned.graph.nodes if n.op == "Relu" and n.outputs[0].name != "logits")
+    plain = distill(pruned.copy(), entry.path, train[:256], DistillConfig(epochs=2))
+    with_feature = distill(pruned.copy(), entry.path, train[:256], DistillConfig(epochs=2, features=(hidden,)))
+    assert with_feature.loss_first > plain.loss_first  # the feature term adds to the loss
+    with pytest.raises(InputError, match="no tensor named"):
+        distill(pruned.copy(), entry.path, train[:64], DistillConfig(epochs=1, features=("nowhere",)))
+
+
+def test_distill_pass_on_an_in_memory_model_asks_for_a_teacher(digits):
+    from onnxcomp.errors import PassError
+
+    entry, train = digits
+    with pytest.raises(PassError, match=r"distill\(teacher=PATH\)"):
+        onnxcomp.optimize(entry.load(), "distill(epochs=1)", calibration=train[:8], check=False)
+
+
 def test_cli_distill_writes_a_packed_model_and_reports_before_and_after(digits, pruned, tmp_path):
     entry, train = digits
     teacher, student, out = tmp_path / "teacher.onnx", tmp_path / "student.onnx", tmp_path / "out.onnxc"
