@@ -34,7 +34,7 @@ from onnxcomp.runtime import make_session
 from .conftest import REAL
 from .helpers import assert_one_line_error, run_cli_here, small_cnn
 
-OPSET = 17
+OPSETS = {13: 7, 17: 8, 21: 10}  # default-domain opset -> the IR version it needs (every op used exists in all)
 # Fusions compute e.g. x*(W*s) + ((b-mean)*s + beta) instead of ((x*W + b) - mean)*s + beta: each
 # output element sees a few extra float32 roundings (eps = 1.2e-7) on terms of the size of the
 # largest intermediate, and the generated graphs' dot products have at most 3*3*8 = 72 terms.
@@ -84,10 +84,15 @@ class Builder:
 
 def _broadcast_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Constant shapes that broadcast to `shape` without widening it."""
-    options = [(), (shape[-1],), shape]
+    options = [(), (1,), (shape[-1],), (1,) * (len(shape) - 1) + (shape[-1],), shape]
     if len(shape) == 4:
-        options.append((shape[1], 1, 1))  # per channel
+        options += [(shape[1], 1, 1), (1, shape[1], 1, 1)]  # per channel
     return options
+
+
+def _operands(draw, a: str, c: str) -> list[str]:
+    """[a, c] or [c, a]: rewrites must not assume the constant comes second."""
+    return [c, a] if draw(st.booleans()) else [a, c]
 
 
 # the steps; the fusion patterns (Conv + BN + affine, MatMul + bias) and what fold/cleanup/fuse act
@@ -106,7 +111,7 @@ def step(draw, b: Builder, x: tuple[str, tuple[int, ...]]) -> None:
     elif kind == "const_binary":
         cshape = draw(st.sampled_from(_broadcast_shapes(shape)))
         op = draw(st.sampled_from(["Add", "Mul", "Sub"]))
-        b.node(op, [name, b.const(b.weights(*cshape))], shape)
+        b.node(op, _operands(draw, name, b.const(b.weights(*cshape))), shape)
     elif kind == "neutral":  # no-ops cleanup must remove without changing a bit
         op, value = draw(st.sampled_from([("Mul", 1.0), ("Div", 1.0), ("Sub", 0.0), ("Add", -0.0)]))
         b.node(op, [name, b.const(np.full(draw(st.sampled_from([(), (shape[-1],)])), value, np.float32))], shape)
@@ -146,7 +151,9 @@ def step(draw, b: Builder, x: tuple[str, tuple[int, ...]]) -> None:
         k = draw(st.integers(1, 6))
         out = b.node("MatMul", [name, b.const(b.weights(shape[-1], k))], shape[:-1] + (k,), keep=False)
         if draw(st.booleans()):  # MatMul + Add: Gemm when 2-D
-            b.node("Add", [out, b.const(b.weights(k))], shape[:-1] + (k,))
+            out_shape = shape[:-1] + (k,)
+            bias = draw(st.sampled_from([s for s in [(k,), (1, k), out_shape, ()] if len(s) <= len(out_shape)]))
+            b.node("Add", _operands(draw, out, b.const(b.weights(*bias))), shape[:-1] + (k,))
         else:
             b.pool.append((out, shape[:-1] + (k,)))
     elif kind == "transposes":
@@ -184,8 +191,9 @@ def step(draw, b: Builder, x: tuple[str, tuple[int, ...]]) -> None:
                                                  b.const(b.rng.uniform(0.5, 2, cout).astype(np.float32))],
                           out_shape, keep=False, epsilon=1e-5)
         if draw(st.booleans()):  # a per-channel affine the fuse pass folds into the Conv
-            conv = b.node(draw(st.sampled_from(["Add", "Mul"])), [conv, b.const(b.weights(cout, 1, 1) + 1)],
-                          out_shape, keep=False)
+            cshape = draw(st.sampled_from([(cout, 1, 1), (1, cout, 1, 1), (), (1,)]))
+            conv = b.node(draw(st.sampled_from(["Add", "Mul"])),
+                          _operands(draw, conv, b.const(b.weights(*cshape) + 1)), out_shape, keep=False)
         b.pool.append((conv, out_shape))
     elif kind == "fold_me":  # a constant sub-expression: fold must evaluate it exactly as ORT would
         a, c = b.const(b.weights(shape[-1])), b.const(b.weights(shape[-1]))
@@ -235,7 +243,8 @@ def random_graphs(draw) -> onnx.ModelProto:
         b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in dict(outputs).items()],
         b.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    opset = draw(st.sampled_from(sorted(OPSETS)))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=OPSETS[opset])
     onnx.checker.check_model(model, full_check=True)
     return model
 
