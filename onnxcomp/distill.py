@@ -174,7 +174,7 @@ def student_module(model: Model, features: Sequence[str] = ()):
             self.input_names = [t.name for t in graph.inputs]
             self.output_names = [t.name for t in graph.outputs] + list(features)
             self.names: dict[str, str] = {}  # tensor name -> attribute name
-            self.qinfo: dict[str, tuple] = {}  # qweight name -> (scale, zero point, axis, qmin, qmax, dtype)
+            self.qinfo: dict[str, tuple] = {}  # quantized constant -> (axis, qmin, qmax, integer dtype)
             self.roles = {}
             dq = {n.inputs[0].name: n for n in graph.nodes if n.op == "DequantizeLinear"}
             for i, (name, t) in enumerate(sorted((k, v) for k, v in tensors.items() if isinstance(v, gs.Constant))):
@@ -193,7 +193,8 @@ def student_module(model: Model, features: Sequence[str] = ()):
                     z = _per_axis(torch.from_numpy(zp.astype(np.float32)), q, axis)
                     self.register_buffer(attr + "_scale", s)
                     self.register_buffer(attr + "_zp", z)
-                    self.register_buffer(attr + "_mask", (q != z).float())
+                    # a weight at its zero point was pruned (or rounds to zero): it stays there
+                    self.register_buffer(attr + "_mask", (q != z).float() if role == "qweight" else torch.ones_like(q))
                     self.qinfo[name] = (axis, qmin, qmax, values.dtype)
                     setattr(self, attr, torch.nn.Parameter((q - z) * s))
                 elif role in ("weight", "bias", "codebook"):
@@ -552,7 +553,7 @@ def teacher_outputs(teacher, data: list[dict[str, np.ndarray]], names: list[str]
     missing = [n for n in names if n not in known]
     if missing:
         raise InputError(f"distill: the teacher has no tensor named {missing[0]!r}")
-    session = make_session(with_extra_outputs(proto, names[len(proto.graph.output):], typed=False), "cpu", threads=None)
+    session = make_session(with_extra_outputs(proto, names, typed=False), "cpu", threads=None)
     result = []
     for feed in data:
         try:
@@ -571,6 +572,8 @@ def distill_loss(student_out, teacher_out, labels, cfg: DistillConfig, kinds: li
     soft = 0.0
     for s, t, kind in zip(student_out, teacher_out, kinds):
         s = s.float()
+        if kind == "skip":
+            continue
         if kind == "kl":
             T = cfg.temperature
             soft = soft + F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), reduction="batchmean",
@@ -586,12 +589,14 @@ def distill_loss(student_out, teacher_out, labels, cfg: DistillConfig, kinds: li
 def _loss_kinds(cfg: DistillConfig, outputs: list[np.ndarray], n_outputs: int) -> list[str]:
     kinds = []
     for i, value in enumerate(outputs):
-        if i >= n_outputs:
+        if not np.issubdtype(value.dtype, np.floating):
+            kinds.append("skip")  # integer outputs (class ids, masks) carry no gradient
+        elif i >= n_outputs:
             kinds.append("mse")  # features
         elif cfg.loss != "auto":
             kinds.append(cfg.loss)
         else:
-            kinds.append("kl" if value.ndim == 2 and value.shape[1] > 1 and value.dtype == np.float32 else "mse")
+            kinds.append("kl" if value.ndim == 2 and value.shape[1] > 1 else "mse")
     return kinds
 
 
