@@ -423,12 +423,19 @@ def _fill(tensor: onnx.TensorProto, field: int, values: np.ndarray) -> None:
 
 # ---- public API --------------------------------------------------------------------------
 def read_packed_proto(path: str | os.PathLike | bytes) -> onnx.ModelProto:
+    """The model a packed file holds; refused if a tensor in it points at an external file (a
+    packed model holds all its data: such a reference would be read from wherever we run)."""
+    from onnxcomp.model import refuse_external_references
+
     if isinstance(path, (bytes, bytearray, memoryview)):
-        return unpack_bytes(path)
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    return unpack_bytes(path.read_bytes(), str(path))
+        proto, where = unpack_bytes(path), "packed model"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        proto, where = unpack_bytes(path.read_bytes(), str(path)), str(path)
+    refuse_external_references(proto, where)
+    return proto
 
 
 def load_packed(path: str | os.PathLike) -> "Model":  # noqa: F821

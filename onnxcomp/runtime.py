@@ -81,7 +81,13 @@ def make_session(model, provider: str = "cpu", threads: int | None = 1, optimize
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     keep_alive = None
     if isinstance(model, Model):
-        model = model.to_proto()
+        if model.summary()["param_bytes"] > PROTOBUF_LIMIT:  # streamed to disk, never one whole proto
+            keep_alive = tempfile.TemporaryDirectory(prefix="onnxcomp-session-")
+            target = Path(keep_alive.name) / "model.onnx"
+            save(model, target, external_data=True)
+            model = str(target)
+        else:
+            model = model.to_proto()
     if isinstance(model, onnx.ModelProto):
         if _initializer_bytes(model) > PROTOBUF_LIMIT:
             keep_alive = tempfile.TemporaryDirectory(prefix="onnxcomp-session-")
