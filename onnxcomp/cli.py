@@ -364,7 +364,7 @@ def distill(
     teacher: Path = typer.Argument(..., help="The uncompressed model (.onnx) whose outputs are the targets."),
     student: Path = typer.Argument(..., help="The compressed model to retrain (.onnx or .onnxc)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .onnx (or .onnxc, entropy-coded)."),
-    data: Path = typer.Option(..., "--data", help="Training inputs (.npz or image folder); no labels needed."),
+    data: Path = typer.Option(..., "--data", help="Training inputs (.npz, one array per input); no labels needed."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy/.npz) for a hard-label term."),
     evaluation: Optional[Path] = typer.Option(None, "--evaluation", help="Held-out .npz to measure before/after."),
     epochs: int = typer.Option(20, "--epochs"),

@@ -61,6 +61,16 @@ class DistillConfig:
     device: str = "auto"
     threads: int = 1  # CPU threads for torch (0: torch's default); one is fastest on a shared machine
 
+    def __post_init__(self):
+        checks = [(self.epochs >= 1 or self.steps >= 1, "epochs or steps must be at least 1"),
+                  (self.lr > 0, "the learning rate must be positive"), (self.batch_size >= 1, "batch size must be >= 1"),
+                  (self.temperature > 0, "the temperature must be positive"), (0 <= self.alpha <= 1, "alpha must be in [0, 1]"),
+                  (self.loss in ("auto", "kl", "mse"), "loss must be auto, kl or mse"),
+                  (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"distill: {message}")
+
 
 @dataclass
 class DistillResult:
@@ -777,6 +787,8 @@ def distill_file(teacher, student, output, data, cfg: DistillConfig, *, labels=N
     train = list(CalibrationData.from_source(data, input_names=names))
     train, data_labels = split_labels(train, set(names))
     labels = read_labels(labels) if labels is not None else data_labels
+    if labels is not None and len(labels) != len(train):
+        raise InputError(f"distill: {len(labels)} labels for {len(train)} training samples")
     held = list(CalibrationData.from_source(evaluation, input_names=names)) if evaluation is not None else None
     eval_feeds, eval_labels = split_labels(held, set(names)) if held else (train, labels)
     eval_feeds = batches(eval_feeds, 256)
