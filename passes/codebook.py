@@ -2,7 +2,7 @@
 
     W (float32 [shape])  =>  Gather(codebook float32 [2**bits], Cast(indices uint8 [shape], int32))
 
-Each weight tensor of Conv/Gemm/MatMul gets its own 2**bits centroids, found by 1-D k-means
+Each weight tensor of Conv/Gemm/MatMul (and each embedding table a Gather looks rows up in) gets its own 2**bits centroids, found by 1-D k-means
 (Lloyd's algorithm, exact in one dimension by sorting) from a linear initialisation between
 the weight's min and max, which keeps the rare large weights represented; a centroid left
 without weights is moved to split the worst cluster. The model stays a
@@ -23,7 +23,7 @@ from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.quant.qdq import NodeBuilder
 from onnxcomp.registry import register
 
-WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1}
+WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1, "Gather": 0}  # Gather: embedding tables
 
 
 def kmeans_1d(values: np.ndarray, k: int, iterations: int = 60, keep_zero: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +81,7 @@ class Codebook(Pass):
     @dataclass(frozen=True)
     class Config:
         bits: int = param(5, "index bits per weight (2**bits shared values per layer)", min=2, max=8)
-        ops: tuple[str, ...] = param(("Conv", "Gemm", "MatMul"), "op types whose weights are clustered")
+        ops: tuple[str, ...] = param(("Conv", "Gemm", "MatMul", "Gather"), "op types whose weights are clustered")
         exclude: tuple[str, ...] = param((), "node or initializer names (fnmatch) left alone")
         min_size: int = param(256, "weights with fewer elements stay as they are", min=0)
         keep_zero: bool = param(True, "keep exact zeros (pruned weights) at zero")
@@ -105,6 +105,8 @@ class Codebook(Pass):
             w = node.inputs[index]
             if not isinstance(w, gs.Constant) or np.dtype(w.values.dtype) != np.float32 or w.values.size < cfg.min_size:
                 continue
+            if node.op == "Gather" and (w.values.ndim != 2 or isinstance(node.inputs[1], gs.Constant)):
+                continue  # only lookup tables (rank 2, looked up by run-time ids), never a codebook itself
             if any(fnmatch.fnmatchcase(node.name or "", p) or fnmatch.fnmatchcase(w.name, p) for p in cfg.exclude):
                 continue
             if w.name not in done and not np.isfinite(w.values).all():  # no shared value can stand for NaN/Inf

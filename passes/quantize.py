@@ -9,7 +9,8 @@ mse) run over the context's calibration data. Per-channel weights need opset 13:
 are upgraded with onnx.version_converter first (noted in the report). With `max_error`, the
 most sensitive nodes stay in float until the error on held-out data holds. Afterwards the
 quantized model is timed against the float one; a slowdown is reported loudly (and is an error
-with require_speedup=true).
+with require_speedup=true). Gather embedding tables become int8 rows with a scale per row
+(onnxcomp.quant.embedding): QDQ placement never reaches them, and they are often the largest tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.errors import PassError
 from onnxcomp.model import Model, upgrade_opset
 from onnxcomp.quant import calibrators, fallback, latency
+from onnxcomp.quant.embedding import quantize_embeddings
 from onnxcomp.quant.insert import QuantOptions, apply_plan
 from onnxcomp.quant.placement import DEFAULT_OPS, fold_batchnorm, make_plan, name_nodes
 from onnxcomp.registry import register
@@ -52,6 +54,7 @@ class Quantize(Pass):
                             choices=("cosine", "top1", "mse"))
         latency_check: bool = param(True, "time the quantized model against the float one on the target EP")
         require_speedup: bool = param(False, "fail when the quantized model is slower than the float one")
+        embeddings: bool = param(True, "int8 tables with a scale per row for Gather embeddings (weight-only)")
 
     def backoff(self):
         """For the accuracy gate: keep more nodes in float (a tighter fallback tolerance each time)."""
@@ -89,15 +92,22 @@ class Quantize(Pass):
         stats["calibration_samples"] = len(feeds)
         opts = QuantOptions(cfg.activation_type, cfg.symmetric, "int8", cfg.reduce_range)
 
+        embedding_stats: dict = {}
+
         def build(extra_exclude: list[str]) -> tuple[Model, object, object]:
             m = float_model.copy()
-            plan = make_plan(m.graph, set(ranges), ops=ops, exclude=tuple(cfg.exclude) + tuple(extra_exclude),
+            exclude = tuple(cfg.exclude) + tuple(extra_exclude)
+            plan = make_plan(m.graph, set(ranges), ops=ops, exclude=exclude,
                              per_channel=cfg.per_channel, symmetric_activations=cfg.symmetric)
             inserted = apply_plan(m.graph, plan, ranges, opts)
+            if cfg.embeddings:
+                embedding_stats.update(quantize_embeddings(m.graph, exclude))
             return m, plan, inserted
 
         quantized, plan, inserted = build([])
-        if not plan.anchors():
+        if embedding_stats.get("embeddings_quantized"):
+            stats.update(embedding_stats)
+        if not plan.anchors() and not embedding_stats.get("embeddings_quantized"):
             stats["skipped"] = dict(list(plan.skipped.items())[:20])
             ctx.note("quantize: no Conv/MatMul/Gemm could be quantized; the model is unchanged")
             return PassResult(False, stats)

@@ -84,3 +84,25 @@ def test_codebook_6_bits_keeps_the_digits_cnn_accuracy_within_one_percent():
     base = e.evaluate(e.path)["test_acc"]
     result = onnxcomp.optimize(e.path, "codebook(bits=6)", check=False)
     assert e.evaluate(result.model.to_proto())["test_acc"] >= base - 0.01
+
+
+def test_codebook_clusters_embedding_tables_looked_up_by_gather():
+    rng = np.random.default_rng(6)
+    proto = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (int64[1,10] ids) => (float[1,10,32] y) {
+  y = Gather <axis = 0> (table, ids)
+}
+""")
+    table = rng.normal(0, 1, (400, 32)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(table, "table"))
+    model = load(proto)
+    result = get("codebook")(bits=4).run(model, PassContext())
+    assert result.changed and result.stats["layers"] == 1
+    out = model.to_proto()
+    assert not any(t.name == "table" for t in out.graph.initializer)
+    ids = rng.integers(0, 400, (1, 10)).astype(np.int64)
+    got = make_session(out).run(None, {"ids": ids})[0]
+    assert len(np.unique(got)) <= 16
+    rel = np.sqrt(np.mean((got - table[ids]) ** 2) / np.mean(table[ids] ** 2))
+    assert rel < 0.12  # 16 shared values over a unit normal: about 0.1 (uniform 16 levels: ~0.16)

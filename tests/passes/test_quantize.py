@@ -200,3 +200,64 @@ def test_quantize_output_passes_the_checker_and_loads_on_ort(which):
     proto = result.model.to_proto()
     onnx.checker.check_model(proto)
     make_session(proto)
+
+
+EMBED_MATMUL = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (int64[1,12] ids) => (float[1,12,16] y) {
+  e = Gather <axis = 0> (table, ids)
+  y = MatMul (e, w)
+}
+"""
+
+
+def test_embedding_tables_become_int8_rows_with_a_scale_each_and_stay_accurate():
+    rng = np.random.default_rng(3)
+    proto = onnx.parser.parse_model(EMBED_MATMUL)
+    # rows of very different magnitudes: one scale for the whole table would flatten the small ones
+    table = (rng.normal(0, 1, (500, 64)) * rng.uniform(0.01, 3, (500, 1))).astype(np.float32)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(table, "table"),
+                                    onnx.numpy_helper.from_array(rng.normal(0, 0.2, (64, 16)).astype(np.float32), "w")])
+    data = [{"ids": rng.integers(0, 500, (1, 12)).astype(np.int64)} for _ in range(6)]
+    model, result, _ = run_pass(proto, data, latency_check=False)
+    assert result.changed and result.stats["embeddings_quantized"] == 1
+    assert result.stats["embedding_bytes_after"] < 0.3 * result.stats["embedding_bytes_before"]
+    out = model.to_proto()
+    tables = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert any(v.dtype == np.int8 and v.shape == (500, 64) for v in tables.values())
+    assert not any(v.dtype == np.float32 and v.shape == (500, 64) for v in tables.values())
+    before, after = make_session(proto), make_session(out)
+    for feed in data:
+        ref, got = before.run(None, feed)[0], after.run(None, feed)[0]
+        assert (ref.ravel() @ got.ravel()) / np.linalg.norm(ref) / np.linalg.norm(got) > 0.999
+
+
+def test_embedding_rows_are_within_half_a_step_of_their_own_scale():
+    rng = np.random.default_rng(5)
+    proto = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (int64[1,12] ids) => (float[1,12,64] y) {
+  y = Gather <axis = 0> (table, ids)
+}
+""")
+    table = (rng.normal(0, 1, (300, 64)) * rng.uniform(0.001, 5, (300, 1))).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(table, "table"))
+    data = [{"ids": np.arange(i * 12, i * 12 + 12, dtype=np.int64)[None]} for i in range(25)]
+    model, result, _ = run_pass(proto, data, latency_check=False)
+    assert result.stats["embeddings_quantized"] == 1
+    session = make_session(model.to_proto())
+    for feed in data:
+        rows = table[feed["ids"][0]]
+        step = np.abs(rows).max(axis=1, keepdims=True) / 127
+        assert (np.abs(session.run(None, feed)[0][0] - rows) <= step / 2 * 1.0001).all()
+
+
+def test_embedding_quantization_can_be_turned_off():
+    rng = np.random.default_rng(4)
+    proto = onnx.parser.parse_model(EMBED_MATMUL)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(rng.normal(0, 1, (500, 64)).astype(np.float32), "table"),
+                                    onnx.numpy_helper.from_array(rng.normal(0, 0.2, (64, 16)).astype(np.float32), "w")])
+    data = [{"ids": rng.integers(0, 500, (1, 12)).astype(np.int64)} for _ in range(4)]
+    model, result, _ = run_pass(proto, data, latency_check=False, embeddings=False)
+    assert "embeddings_quantized" not in result.stats
+    assert any(t.name == "table" for t in model.to_proto().graph.initializer)
