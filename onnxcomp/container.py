@@ -448,7 +448,7 @@ def load_packed(path: str | os.PathLike) -> "Model":  # noqa: F821
 def save_packed(model, path: str | os.PathLike, coder: str | None = None) -> Path:
     """Write a Model (or ModelProto) as .onnxc atomically, with the coder the entropy pass chose
     (model.packing) or `coder` (default auto)."""
-    from onnxcomp.files import atomic_write_bytes
+    from onnxcomp.files import atomic_write, atomic_write_bytes
     from onnxcomp.model import PROTOBUF_LIMIT
 
     packing = getattr(model, "packing", None) or {}
@@ -460,11 +460,12 @@ def save_packed(model, path: str | os.PathLike, coder: str | None = None) -> Pat
         if cached[0] == (coder, zlib.crc32(serialized), len(serialized)):
             return atomic_write_bytes(Path(path), cached[1])
     owned = not isinstance(model, onnx.ModelProto)  # to_proto() made it for us
-    return _write_atomically(Path(path), lambda out: pack_to(proto, out, coder, owned=owned))
+    return atomic_write(Path(path), lambda out: pack_to(proto, out, coder, owned=owned))
 
 
 def pack(in_path: str | os.PathLike, out_path: str | os.PathLike, coder: str = "auto") -> dict[str, Any]:
     """Pack an .onnx file (external data included) into .onnxc; returns the stats."""
+    from onnxcomp.files import atomic_write
     from onnxcomp.model import load_proto
 
     in_path, out_path = Path(in_path), Path(out_path)
@@ -475,30 +476,9 @@ def pack(in_path: str | os.PathLike, out_path: str | os.PathLike, coder: str = "
     if coder not in coding.CODERS:
         raise InputError(f"unknown coder {coder!r} (choose one of: {', '.join(coding.CODERS)})")
     stats: dict[str, Any] = {}
-    _write_atomically(out_path, lambda out: stats.update(pack_to(proto, out, coder, owned=True, external=external)))
+    atomic_write(out_path, lambda out: stats.update(pack_to(proto, out, coder, owned=True, external=external)))
     stats["input_bytes"] = in_path.stat().st_size
     return stats
-
-
-def _write_atomically(path: Path, write) -> Path:
-    """Like onnxcomp.files.atomic_write_bytes, for a writer that streams into the open file."""
-    from onnxcomp.files import _umask
-
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{path}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def unpack(in_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:

@@ -80,22 +80,15 @@ def make_session(model, provider: str = "cpu", threads: int | None = 1, optimize
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     keep_alive = None
-    if isinstance(model, Model):
-        if model.summary()["param_bytes"] > PROTOBUF_LIMIT:  # streamed to disk, never one whole proto
-            keep_alive = tempfile.TemporaryDirectory(prefix="onnxcomp-session-")
-            target = Path(keep_alive.name) / "model.onnx"
-            save(model, target, external_data=True)
-            model = str(target)
-        else:
-            model = model.to_proto()
-    if isinstance(model, onnx.ModelProto):
-        if _initializer_bytes(model) > PROTOBUF_LIMIT:
-            keep_alive = tempfile.TemporaryDirectory(prefix="onnxcomp-session-")
-            target = Path(keep_alive.name) / "model.onnx"
-            save(model, target, external_data=True)
-            model = str(target)
-        else:
-            model = model.SerializeToString()
+    if isinstance(model, Model) and model.summary()["param_bytes"] <= PROTOBUF_LIMIT:
+        model = model.to_proto()  # (a larger Model is saved streaming, never as one whole proto)
+    if isinstance(model, Model) or (isinstance(model, onnx.ModelProto) and _initializer_bytes(model) > PROTOBUF_LIMIT):
+        keep_alive = tempfile.TemporaryDirectory(prefix="onnxcomp-session-")
+        target = Path(keep_alive.name) / "model.onnx"
+        save(model, target, external_data=True)
+        model = str(target)
+    elif isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
     elif isinstance(model, Path):
         model = str(model)
     try:
