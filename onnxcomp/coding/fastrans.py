@@ -77,28 +77,36 @@ def _slot_tables(freq, cum):
 
 
 @numba.njit(cache=True, nogil=True)
-def encode_kernel(symbols, table_of, freq, cum):
+def encode_kernel(symbols, sizes, table_ids, freq, cum):
+    """Words of the stream (reversed order of coding: rANS is a stack), or an empty array when a
+    symbol has no frequency in its table. int64 arithmetic throughout (values stay below 2**48)."""
     n = symbols.size
     out = np.empty(n + 2 * LANES + 8, np.uint16)  # <= one word per symbol + the final states
     pos = out.size
-    state = np.full(LANES, LOW, np.uint64)
-    for i in range(n - 1, -1, -1):
-        t = table_of[i]
-        s = symbols[i]
-        f = np.uint64(freq[t, s])
-        lane = i % LANES
-        x = state[lane]
-        if x >= (f << np.uint64(32 - PROB_BITS)):
-            pos -= 1
-            out[pos] = x & np.uint64(0xFFFF)
-            x >>= np.uint64(16)
-        state[lane] = ((x // f) << np.uint64(PROB_BITS)) + (x % f) + np.uint64(cum[t, s])
+    state = np.full(LANES, LOW, np.int64)
+    i = n
+    for g in range(sizes.size - 1, -1, -1):
+        t = table_ids[g]
+        for _ in range(sizes[g]):
+            i -= 1
+            s = symbols[i]
+            f = freq[t, s]
+            if f == 0:
+                return np.empty(0, np.uint16)
+            lane = i & (LANES - 1)
+            x = state[lane]
+            if x >= (f << (32 - PROB_BITS)):
+                pos -= 1
+                out[pos] = x & 0xFFFF
+                x >>= 16
+            state[lane] = ((x // f) << PROB_BITS) + (x % f) + cum[t, s]
     for lane in range(LANES - 1, -1, -1):
         pos -= 1
-        out[pos] = state[lane] & np.uint64(0xFFFF)
+        out[pos] = state[lane] & 0xFFFF
         pos -= 1
-        out[pos] = state[lane] >> np.uint64(16)
+        out[pos] = state[lane] >> 16
     return out[pos:]
+
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def decode_one(x, words, p, table):
@@ -159,11 +167,14 @@ def encode(symbols: np.ndarray, sizes: np.ndarray, table_ids: np.ndarray, tables
     symbols = np.ascontiguousarray(symbols, np.uint8)
     if not symbols.size:
         return b""
+    sizes, table_ids = np.asarray(sizes, np.int64), np.asarray(table_ids, np.int64)
+    if int(sizes.sum()) != symbols.size or len(sizes) != len(table_ids):
+        raise ValueError("the groups do not match the symbols")
     freq, cum = _tables(list(tables))
-    table_of = np.repeat(np.asarray(table_ids, np.int64), np.asarray(sizes, np.int64))
-    if table_of.size != symbols.size or np.any(freq[table_of, symbols] == 0):
-        raise ValueError("the groups do not match the symbols, or a symbol is missing from its table")
-    return encode_kernel(symbols, table_of, freq, cum).astype("<u2").tobytes()
+    words = encode_kernel(symbols, sizes, table_ids, freq, cum)
+    if not words.size:
+        raise ValueError("a symbol is missing from its table")
+    return words.astype("<u2").tobytes()
 
 
 _last_tables: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
