@@ -177,18 +177,18 @@ def encode(symbols: np.ndarray, sizes: np.ndarray, table_ids: np.ndarray, tables
     return words.astype("<u2").tobytes()
 
 
-_last_tables: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+_shared_cache: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
 
 
 def _decoder_tables(tables: np.ndarray) -> np.ndarray:
-    """The decoder's slot tables; the last ones are kept, since one model's shared tables (the
-    same array object) serve most of its planes."""
-    global _last_tables
-    if _last_tables[0] is tables:
-        return _last_tables[1]
-    slot_tables = _slot_tables(*_tables(list(np.asarray(tables, np.int64))))
-    _last_tables = (tables, slot_tables)
-    return slot_tables
+    """The decoder's slot tables. A model's shared tables (one array object, up to 64 tables of
+    16,384 slots) serve most of its planes: theirs are kept; a plane's own single table is cheap."""
+    global _shared_cache
+    if len(tables) == 1:
+        return _slot_tables(*_tables(list(np.asarray(tables, np.int64))))
+    if _shared_cache[0] is not tables:
+        _shared_cache = (tables, _slot_tables(*_tables(list(np.asarray(tables, np.int64)))))
+    return _shared_cache[1]
 
 
 def decode(data: bytes | memoryview, sizes: np.ndarray, table_ids: np.ndarray, tables: np.ndarray,
