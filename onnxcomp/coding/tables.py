@@ -36,6 +36,14 @@ def row_costs(hists: np.ndarray, tables: np.ndarray) -> np.ndarray:
     return hists.astype(np.float64) @ _log_probs(tables).T
 
 
+def _cluster_sums(hists: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    """(k, 256) sum of the rows assigned to each cluster (a one-hot matrix product: much faster
+    than np.add.at over tens of thousands of rows)."""
+    onehot = np.zeros((k, len(assign)))
+    onehot[assign, np.arange(len(assign))] = 1.0
+    return onehot @ hists
+
+
 def _lloyd(hists: np.ndarray, k: int, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
     n = len(hists)
     probs = hists / np.maximum(hists.sum(axis=1, keepdims=True), 1)
@@ -44,8 +52,7 @@ def _lloyd(hists: np.ndarray, k: int, iters: int = 8) -> tuple[np.ndarray, np.nd
     assign = np.empty(n, dtype=np.int64)
     assign[order] = np.minimum(np.arange(n) * k // max(n, 1), k - 1)
     for _ in range(iters):
-        sums = np.zeros((k, hists.shape[1]))
-        np.add.at(sums, assign, hists)
+        sums = _cluster_sums(hists, assign, k)
         keep = sums.sum(axis=1) > 0
         sums = sums[keep]
         p = (sums + SMOOTH) / (sums + SMOOTH).sum(axis=1, keepdims=True)
@@ -54,8 +61,7 @@ def _lloyd(hists: np.ndarray, k: int, iters: int = 8) -> tuple[np.ndarray, np.nd
             break
         assign = new
         k = len(sums)
-    sums = np.zeros((int(assign.max()) + 1, hists.shape[1]))
-    np.add.at(sums, assign, hists)
+    sums = _cluster_sums(hists, assign, int(assign.max()) + 1)
     used = sums.sum(axis=1) > 0
     return sums[used], assign
 
