@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from onnxcomp.runtime import interleaved_latency_ms  # noqa: F401 - the suites time models with it
 

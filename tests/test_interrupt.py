@@ -43,7 +43,7 @@ def test_an_interrupted_optimize_leaves_no_output_and_the_input_intact(sig, mnis
                              "--pipeline", "cleanup, test_slow"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "ONNXCOMP_PASS_PATH": str(plugins)})
     deadline = time.time() + 60
-    while "pass started" not in (line := proc.stdout.readline()) and time.time() < deadline:
+    while "pass started" not in proc.stdout.readline() and time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=30)

@@ -10,7 +10,7 @@ import onnxcomp
 from onnxcomp import Tolerance
 from onnxcomp.validate import compare_arrays, generate_inputs
 
-from .helpers import assert_one_line_error, model_from_text, run_cli
+from .helpers import assert_one_line_error, run_cli
 
 DYNAMIC = """
 <ir_version: 8, opset_import: ["" : 17]>
