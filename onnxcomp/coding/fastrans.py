@@ -31,34 +31,59 @@ LANES = 4
 def normalize(counts: np.ndarray) -> np.ndarray:
     """Integer frequencies summing to exactly TOTAL, every symbol of the support >= 1 (deterministic:
     encoder and decoder derive the same frequencies from the same stored counts)."""
-    counts = np.asarray(counts, dtype=np.int64)
-    s = int(counts.sum())
-    if s <= 0 or counts.size > 256 or counts.min() < 0:
-        raise ValueError("a table needs 256 non-negative counts, not all zero")
-    nz = np.flatnonzero(counts)
-    support = np.zeros(counts.size, bool)
-    support[nz[0]:nz[-1] + 1] = True  # as in the stored tables, every symbol between the lowest
-    freq = counts * TOTAL // s        # and the highest present one can be coded
-    freq[support & (freq == 0)] = 1
-    diff = TOTAL - int(freq.sum())
-    order = np.argsort(-freq, kind="stable")  # take from / give to the most frequent symbols first
-    i = 0
-    while diff:
-        sym = order[i % len(order)]
-        if diff > 0:
-            freq[sym] += diff
-            diff = 0
-        elif freq[sym] > 1:
-            take = min(-diff, int(freq[sym]) - 1)
-            freq[sym] -= take
-            diff += take
-        i += 1
+    return _tables(np.asarray(counts, np.int64).reshape(1, -1))[0][0]
+
+
+@numba.njit(cache=True, nogil=True)
+def _normalize_kernel(counts):
+    """normalize() for each row of a (K, 256) array; (0, 256) when a row is negative or all zero.
+    Every symbol between the lowest and the highest present one keeps a frequency >= 1 (as in the
+    stored tables, they can be coded); the rounding difference is taken from or given to the most
+    frequent symbols first (a stable order, so encoder and decoder agree)."""
+    freq = np.zeros(counts.shape, np.int64)
+    for t in range(counts.shape[0]):
+        s, lo, hi = 0, -1, -1
+        for i in range(256):
+            c = counts[t, i]
+            if c < 0:
+                return np.zeros((0, 256), np.int64)
+            s += c
+            if c > 0:
+                lo = i if lo < 0 else lo
+                hi = i
+        if s <= 0:
+            return np.zeros((0, 256), np.int64)
+        diff = TOTAL
+        for i in range(256):
+            f = counts[t, i] * TOTAL // s
+            if f == 0 and lo <= i <= hi:
+                f = 1
+            freq[t, i] = f
+            diff -= f
+        if diff:
+            order = np.argsort(-freq[t], kind="mergesort")
+            j = 0
+            while diff:
+                sym = order[j % 256]
+                if diff > 0:
+                    freq[t, sym] += diff
+                    diff = 0
+                elif freq[t, sym] > 1:
+                    take = min(-diff, freq[t, sym] - 1)
+                    freq[t, sym] -= take
+                    diff += take
+                j += 1
     return freq
 
 
-def _tables(counts_list: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(freq, cum) int64 arrays (tables x 256)."""
-    freq = np.stack([normalize(c) for c in counts_list])
+def _tables(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(freq, cum) int64 arrays (tables x 256) for a (K, 256) array of counts."""
+    counts = np.ascontiguousarray(counts, np.int64)
+    if counts.ndim != 2 or counts.shape[1] != 256:
+        raise ValueError("tables must be rows of 256 counts")
+    freq = _normalize_kernel(counts)
+    if len(freq) != len(counts):
+        raise ValueError("a table needs 256 non-negative counts, not all zero")
     cum = np.zeros_like(freq)
     cum[:, 1:] = np.cumsum(freq, axis=1)[:, :-1]
     return freq, cum
@@ -170,7 +195,7 @@ def encode(symbols: np.ndarray, sizes: np.ndarray, table_ids: np.ndarray, tables
     sizes, table_ids = np.asarray(sizes, np.int64), np.asarray(table_ids, np.int64)
     if int(sizes.sum()) != symbols.size or len(sizes) != len(table_ids):
         raise ValueError("the groups do not match the symbols")
-    freq, cum = _tables(list(tables))
+    freq, cum = _tables(tables)
     words = encode_kernel(symbols, sizes, table_ids, freq, cum)
     if not words.size:
         raise ValueError("a symbol is missing from its table")
@@ -180,20 +205,21 @@ def encode(symbols: np.ndarray, sizes: np.ndarray, table_ids: np.ndarray, tables
 _shared_cache: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
 
 
-def _decoder_tables(tables: np.ndarray) -> np.ndarray:
+def _decoder_tables(tables: np.ndarray, keep: bool) -> np.ndarray:
     """The decoder's slot tables. A model's shared tables (one array object, up to 64 tables of
-    16,384 slots) serve most of its planes: theirs are kept; a plane's own single table is cheap."""
+    16,384 slots) serve most of its planes: with `keep`, the last such array's are kept."""
     global _shared_cache
-    if len(tables) == 1:
-        return _slot_tables(*_tables(list(np.asarray(tables, np.int64))))
+    if not keep:
+        return _slot_tables(*_tables(tables))
     if _shared_cache[0] is not tables:
-        _shared_cache = (tables, _slot_tables(*_tables(list(np.asarray(tables, np.int64)))))
+        _shared_cache = (tables, _slot_tables(*_tables(tables)))
     return _shared_cache[1]
 
 
 def decode(data: bytes | memoryview, sizes: np.ndarray, table_ids: np.ndarray, tables: np.ndarray,
-           where: str) -> np.ndarray:
-    """Inverse of encode: the groups' symbols one after another (uint8)."""
+           where: str, shared: bool = False) -> np.ndarray:
+    """Inverse of encode: the groups' symbols one after another (uint8). `shared`: `tables` is the
+    model's shared array, whose decoder tables are worth keeping between calls."""
     sizes = np.asarray(sizes, np.int64)
     table_ids = np.asarray(table_ids, np.int64)
     total = int(sizes.sum())
@@ -207,7 +233,7 @@ def decode(data: bytes | memoryview, sizes: np.ndarray, table_ids: np.ndarray, t
     if len(sizes) != len(table_ids) or table_ids.min() < 0 or table_ids.max() >= len(tables):
         raise CorruptStream(f"{where}: table ids do not match the tables")
     try:
-        slot_tables = _decoder_tables(tables)
+        slot_tables = _decoder_tables(tables, shared)
     except ValueError as exc:
         raise CorruptStream(f"{where}: bad symbol table ({exc})") from exc
     words = np.zeros(nwords + total + 1, np.uint16)  # the zero padding keeps reads in bounds (see kernel)

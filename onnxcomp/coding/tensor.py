@@ -183,7 +183,7 @@ def decode_plane(method: int, payload: memoryview, n: int, lengths: np.ndarray, 
         ids = _decode_ids(Reader(r.blob(), where), len(lengths), where)
         if len(ids) != len(lengths) or (len(ids) and ids.max() >= len(shared)):
             raise CorruptStream(f"{where}: table ids do not match the shared tables")
-        return fastrans.decode(r.raw(r.left()), lengths, ids, shared, where)
+        return fastrans.decode(r.raw(r.left()), lengths, ids, shared, where, shared=True)
     if method == SHARED:
         ids = _decode_ids(Reader(r.blob(), where), len(lengths), where)
         if len(ids) != len(lengths) or (len(ids) and ids.max() >= len(shared)):
