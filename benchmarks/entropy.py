@@ -126,7 +126,37 @@ def measure(name: str, variant: str, path: Path, feed, rounds: int) -> dict:
             packed = Path(tmp) / "m.onnxc"
             packed.write_bytes(data)
             row["first_inference_ms"] = first_inference_ms(path, packed, feed, rounds)
+            if variant in ("fp32", "int8"):
+                row["cold_start_ms"] = cold_start_ms(path, packed)
     return row
+
+
+COLD = """
+import sys, time
+t0 = time.perf_counter()
+import onnxruntime as ort
+if sys.argv[1].endswith(".onnxc"):
+    import onnxcomp
+    s = onnxcomp.session(sys.argv[1])
+else:
+    s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+print((time.perf_counter() - t0) * 1000)
+"""
+
+
+def cold_start_ms(plain: Path, packed: Path, rounds: int = 3) -> dict[str, float]:
+    """A new process until its session is ready (imports included: numba's are part of the price
+    of the packed file), median of a few rounds, plain and packed interleaved."""
+    import subprocess
+    import sys
+
+    times = {"plain": [], "packed": []}
+    for _ in range(rounds):
+        for label, target in (("plain", plain), ("packed", packed)):
+            out = subprocess.run([sys.executable, "-c", COLD, str(target)], capture_output=True, text=True,
+                                 check=True)
+            times[label].append(float(out.stdout.strip().splitlines()[-1]))
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def variants_of(entry, name: str, out_dir: Path, quick: bool):
@@ -170,17 +200,18 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
                       f"dec {row['decode_MBps']:.0f} MB/s exact={row['bit_exact']}", flush=True)
     headers = ["model", "variant", ".onnx", "packed", "zstd -19", "xz -9e", "ZipNN (anchor)", "vs best generic",
                "H0/tensor", "H0/channel", "tensor bytes", "coded", "enc MB/s", "dec MB/s", "1st inf plain ms",
-               "1st inf packed ms", "exact"]
+               "1st inf packed ms", "cold start plain ms", "cold start packed ms", "exact"]
     table = [[r["model"], r["variant"], r["onnx_bytes"], r["packed_bytes"], r["zstd19"], r["xz9e"],
               r["zipnn_anchor"] or "-", f"{-r['vs_best_generic']:+.1%}", int(r["h0_tensor"]), int(r["h0_channel"]),
               r["tensor_bytes"], r["coded_tensor_bytes"], r["encode_MBps"], r["decode_MBps"],
               r.get("first_inference_ms", {}).get("plain", "-"), r.get("first_inference_ms", {}).get("packed", "-"),
+              r.get("cold_start_ms", {}).get("plain", "-"), r.get("cold_start_ms", {}).get("packed", "-"),
               r["bit_exact"]] for r in rows]
     md = ("# entropy: packed .onnxc vs generic compressors\n\n"
           "`vs best generic`: packed size relative to the smaller of zstd -19 and xz -9e of the same .onnx "
           "(brotli 11 not installed). H0 = order-0 entropy of the packed tensors without table cost (floats per "
           "byte plane; per channel = rows along axis 0). MB/s = decoded tensor bytes per CPU second of the one thread that codes (numba kernels already loaded). "
-          "First inference = session creation + one run, median.\n\n" + md_table(headers, table))
+          "First inference = session creation + one run, median (in a warm process). Cold start = a new Python process until the session is ready, imports included (onnxruntime; for packed also onnxcomp and numba with its cached kernels), median of 3.\n\n" + md_table(headers, table))
     write_results("entropy", {"rows": rows, "quick": quick}, md)
     print(md)
     return 0
