@@ -53,3 +53,17 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def available_entries(names: str):
+    """(name, zoo entry) for each comma-separated model name whose files are at hand; the others
+    are reported as skipped with their reason."""
+    from models import zoo
+
+    for name in names.split(","):
+        entry = zoo.get(name)
+        ok, why = entry.available()
+        if ok:
+            yield name, entry
+        else:
+            print(f"{name}: skipped ({why})")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchmarks.common import md_table, write_results
+from benchmarks.common import available_entries, md_table, write_results
 
 ZIPNN = {("ultraface", "fp32"): 1_085_855, ("minilm", "fp32"): 74_706_776, ("digits_cnn", "fp32"): 148_745}
 VARIANTS = {
@@ -181,16 +181,9 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.run entropy")
     parser.add_argument("--models", default="mnist,ultraface" if quick else "mnist,ultraface,digits_cnn,minilm")
     args = parser.parse_args(argv or [])
-    from models import zoo
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            entry = zoo.get(name)
-            ok, why = entry.available()
-            if not ok:
-                print(f"{name}: skipped ({why})")
-                continue
+        for name, entry in available_entries(args.models):
             feed = entry.latency_feed()
             for variant, path in variants_of(entry, name, Path(tmp), quick):
                 row = measure(name, variant, Path(path), feed, 3 if quick else 7)

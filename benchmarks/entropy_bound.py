@@ -25,7 +25,7 @@ import onnx
 import zstandard
 from onnx import numpy_helper
 
-from benchmarks.common import md_table, write_results
+from benchmarks.common import available_entries, md_table, write_results
 
 CONTEXTS = {"adaptive order-0": "", "channel scale": "o", "rank-1 scale": "r", "neighbours": "n",
             "neighbours + channel": "on", "rank-1 + position": "rp"}
@@ -114,19 +114,13 @@ def weight_costs(path: Path) -> dict:
 
 def main(quick: bool = False, argv: list[str] | None = None) -> int:
     from benchmarks.entropy import variants_of
-    from models import zoo
 
     parser = argparse.ArgumentParser(prog="benchmarks.run entropy_bound")
     parser.add_argument("--models", default="mnist,ultraface" if quick else "mnist,ultraface,digits_cnn")
     args = parser.parse_args(argv or [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            entry = zoo.get(name)
-            ok, why = entry.available()
-            if not ok:
-                print(f"{name}: skipped ({why})")
-                continue
+        for name, entry in available_entries(args.models):
             for variant, path in variants_of(entry, name, Path(tmp), quick):
                 if variant in ("fp32", "codebook"):
                     continue
