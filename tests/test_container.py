@@ -71,6 +71,22 @@ def test_session_from_packed_file_gives_identical_outputs(ultraface_path, tmp_pa
     assert list(tmp_path.iterdir()) == [tmp_path / "u.onnxc"]  # nothing unpacked to disk
 
 
+def test_threads_unpacking_different_models_at_once_stay_exact(mnist_path, ultraface_path):
+    """The decoder keeps one model's shared tables between planes; threads decoding other models at
+    the same time (the rANS kernel releases the GIL) must never pick up each other's tables."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [onnx.load(mnist_path), onnx.load(ultraface_path)]
+    packed = [container.pack_proto(m, "auto")[0] for m in models]
+    expected = [tensor_hashes(m) for m in models]
+
+    def unpack(i: int) -> bool:
+        return tensor_hashes(container.unpack_bytes(packed[i % 2])) == expected[i % 2]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(unpack, range(24)))
+
+
 def test_session_accepts_packed_bytes(mnist_path):
     data, _ = container.pack_proto(onnx.load(mnist_path))
     sess = container.session(data)

@@ -209,11 +209,13 @@ def _decoder_tables(tables: np.ndarray, keep: bool) -> np.ndarray:
     """The decoder's slot tables. A model's shared tables (one array object, up to 64 tables of
     16,384 slots) serve most of its planes: with `keep`, the last such array's are kept."""
     global _shared_cache
-    if not keep:
-        return _slot_tables(*_tables(tables))
-    if _shared_cache[0] is not tables:
-        _shared_cache = (tables, _slot_tables(*_tables(tables)))
-    return _shared_cache[1]
+    cached = _shared_cache  # one read: threads decoding other models may replace it meanwhile
+    if keep and cached[0] is tables:
+        return cached[1]
+    slot_tables = _slot_tables(*_tables(tables))
+    if keep:
+        _shared_cache = (tables, slot_tables)
+    return slot_tables
 
 
 def decode(data: bytes | memoryview, sizes: np.ndarray, table_ids: np.ndarray, tables: np.ndarray,
