@@ -36,13 +36,15 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
              evaluation: Any = None, preprocess: ImagePreprocess | str | None = None,
              verify_each: bool = False, on_failure: str = "stop", tolerance: Tolerance | None = None,
              check: bool = True, seed: int = 0, progress=None, example_inputs: Any = None,
-             gate: Gate | None = None) -> OptimizeResult:
+             gate: Gate | None = None, dims: dict[str, int] | None = None) -> OptimizeResult:
     """Run a pipeline over a model and return the new model and its report.
 
     `model_or_path` may also be a torch.nn.Module (with `example_inputs`): it is exported first.
     `calibration` / `evaluation`: an .npz path, an image folder (with `preprocess`) or an
     iterable of {input_name: array} dicts. With `check`, the result is compared with the input
     on ORT (on `evaluation` data, or generated inputs) and the figures go in the report.
+    `dims` sizes the symbolic input dimensions of generated inputs ({"batch": 4}); the model
+    itself keeps them symbolic.
     """
     if type(model_or_path).__module__.startswith("torch") or hasattr(model_or_path, "state_dict"):
         from onnxcomp.torch_export import export
@@ -54,6 +56,7 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
         model_or_path = export(model_or_path, example_inputs).model
     source = load(model_or_path)
     check_model(source)  # passes assume a well-formed graph; refuse one that is not, naming why
+    check_dims(source, dims or {})
     original = source.copy() if check else None
     pipeline = as_pipeline(spec_or_pipeline)
     if verify_each:
@@ -67,6 +70,7 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
         ([p for p in providers.split(",")] if providers else ["cpu"]),
         tolerance=tolerance or Tolerance(),
         seed=seed,
+        dims=dict(dims or {}),
         progress=progress,
     )
     if gate is not None and gate.active:
@@ -81,7 +85,7 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
         gate_on = gate is not None and gate.active
         gate = pipeline.lossless or (tolerance is not None and not gate_on)
         tol = tolerance or LOSSLESS_TOLERANCE
-        report = validate(original, result.model, ctx.evaluation, ctx.providers, tol)
+        report = validate(original, result.model, ctx.evaluation, ctx.providers, tol, dims=ctx.dims)
         result.report.validation = report.to_dict()
         result.report.validation["summary"] = report.worst()
         result.report.validation["gate"] = gate
@@ -127,7 +131,8 @@ def _run_with_gate(pipeline: Pipeline, source: Model, ctx: PassContext, gate: Ga
         ctx.calibration, ctx.evaluation = ctx.calibration.split(0.5)
         ctx.note(f"held out {len(ctx.evaluation)} of the calibration samples for the gate")
     check_disjoint(ctx.calibration, ctx.evaluation)
-    feeds = list(ctx.evaluation) if ctx.evaluation is not None else generate_inputs(source, 8, seed=ctx.seed + 1)
+    feeds = list(ctx.evaluation) if ctx.evaluation is not None else \
+        generate_inputs(source, 8, seed=ctx.seed + 1, dims=ctx.dims)
     checker = GateChecker(gate, source, feeds)
     try:
         result, path = run_gated(pipeline, source, ctx, checker)
@@ -198,9 +203,23 @@ def check_model(model: Model) -> None:
         raise InputError(f"the model fails onnx.checker: {first}") from exc
 
 
+def check_dims(model: Model, dims: dict[str, int]) -> None:
+    """Refuse a size for a dimension no input has, or a size below 1: a typo would otherwise be
+    ignored and the generated inputs keep their default sizes."""
+    from onnxcomp.errors import InputError
+
+    symbolic = {d for t in model.graph.inputs for d in (t.shape or ()) if isinstance(d, str)}
+    for name, size in dims.items():
+        if name not in symbolic:
+            raise InputError(f"dimension {name!r}: no input of the model has it (its symbolic dimensions: "
+                             f"{', '.join(sorted(symbolic)) or 'none'})")
+        if not isinstance(size, (int, np.integer)) or size < 1:
+            raise InputError(f"dimension {name!r}: the size must be a whole number >= 1, not {size!r}")
+
+
 def feeds_from(data: Any) -> list[dict[str, np.ndarray]] | None:
     source = CalibrationData.from_source(data)
     return list(source) if source is not None else None
 
 
-__all__ = ["OptimizeResult", "optimize", "optimize_file", "inspect", "check_model", "feeds_from"]
+__all__ = ["OptimizeResult", "optimize", "optimize_file", "inspect", "check_model", "check_dims", "feeds_from"]

@@ -57,6 +57,21 @@ def _tolerance(atol: Optional[float], rtol: Optional[float], min_cosine: Optiona
     return tol
 
 
+DIM_HELP = ("Size of a symbolic input dimension in generated inputs (validation, gate), NAME=SIZE; "
+            "repeatable. The model keeps it symbolic.")
+
+
+def _dims(items: list[str]) -> dict[str, int]:
+    """--dim NAME=SIZE options as {NAME: SIZE}."""
+    dims = {}
+    for item in items:
+        name, _, size = item.partition("=")
+        if not name or not size.isdigit() or int(size) < 1:
+            raise InputError(f"--dim {item!r}: expected NAME=SIZE with SIZE a whole number >= 1")
+        dims[name] = int(size)
+    return dims
+
+
 def _onto_input(output: Path, source: Path) -> bool:
     return output.exists() and source.exists() and output.resolve() == source.resolve()
 
@@ -101,6 +116,7 @@ def optimize(
     verify_each: bool = typer.Option(False, "--verify-each", help="Validate after every pass; roll a failing pass back."),
     on_failure: str = typer.Option("stop", "--on-failure", help="After a pass fails verification: stop or continue."),
     providers: str = typer.Option("cpu", "--providers", help="Execution providers to validate on, e.g. cpu,cuda."),
+    dim: list[str] = typer.Option([], "--dim", help=DIM_HELP),
     atol: Optional[float] = typer.Option(None, "--atol", help="Gate: max absolute output error vs the input model."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance for lossy passes."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum output cosine vs the input model."),
@@ -130,6 +146,7 @@ def optimize(
 
     if (pipeline is None) == (preset is None):
         raise SpecError("give exactly one of --pipeline or --preset")
+    dims = _dims(dim)
     batch = len(models) > 1 or models[0].is_dir() or output.is_dir() or any(
         option is not None for option in (jobs, ray, summary))
     model = models[0]
@@ -146,7 +163,8 @@ def optimize(
         spec.passes = [p.with_params(require_speedup=True) if p.name == "quantize" else p for p in spec.passes]
     options = dict(calibration=calibration, providers=providers, evaluation=evaluation, preprocess=preprocess,
                    verify_each=verify_each, on_failure=on_failure, tolerance=_tolerance(atol, rtol, min_cosine),
-                   check=check, gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget))
+                   check=check, gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget),
+                   dims=dims)
     if batch:
         _optimize_many(models, output, spec, options, force, jobs, ray, summary, report, as_json)
         return
@@ -165,9 +183,12 @@ def optimize(
         if path.suffix == ".html":
             from onnxcomp.html_report import write_html
             from onnxcomp.model import load
+            from onnxcomp.validate import generate_inputs
 
+            source = load(model)
             with err.status("writing the HTML report (timing both models)…"):
-                write_html(path, result.report, load(model), result.model, providers.split(","))
+                write_html(path, result.report, source, result.model, providers.split(","),
+                           generate_inputs(source, 1, dims=dims)[0])
         else:
             result.report.write(path)
     if as_json:
@@ -226,20 +247,15 @@ def validate(
     rtol: float = typer.Option(1e-4, "--rtol"),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine"),
     samples: int = typer.Option(2, "--samples", help="Generated input samples when no --inputs."),
-    dim: list[str] = typer.Option([], "--dim", help="Size of a dynamic dimension, NAME=SIZE (repeatable)."),
+    dim: list[str] = typer.Option([], "--dim", help="Size of a symbolic input dimension in generated inputs, "
+                                                      "NAME=SIZE (repeatable)."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Run REFERENCE and CANDIDATE on the same inputs; exit 0 within tolerance, 1 outside, 2 on error."""
     from onnxcomp.validate import validate as run_validate
 
-    dims = {}
-    for item in dim:
-        name, _, size = item.partition("=")
-        if not size.isdigit():
-            raise InputError(f"--dim {item!r}: expected NAME=SIZE")
-        dims[name] = int(size)
     result = run_validate(reference, candidate, str(inputs) if inputs else None, providers,
-                          _tolerance(atol, rtol, min_cosine), samples=samples, dims=dims)
+                          _tolerance(atol, rtol, min_cosine), samples=samples, dims=_dims(dim))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -472,6 +488,7 @@ def registry_optimize(
     evaluation: Optional[Path] = typer.Option(None, "--evaluation", help="Held-out data for the gate (.npz or images)."),
     preprocess: Optional[str] = typer.Option(None, "--preprocess", help="For image folders, e.g. size=320x240,mean=127,std=128."),
     providers: str = typer.Option("cpu", "--providers", help="Execution providers to validate on, e.g. cpu,cuda."),
+    dim: list[str] = typer.Option([], "--dim", help=DIM_HELP),
     atol: Optional[float] = typer.Option(None, "--atol", help="Gate: max absolute output error vs the input model."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance for lossy passes."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum output cosine vs the input model."),
@@ -487,6 +504,7 @@ def registry_optimize(
     require_mlflow()  # before any work: one line saying how to install it
     if (pipeline is None) == (preset is None):
         raise SpecError("give exactly one of --pipeline or --preset")
+    dims = _dims(dim)
     if preset in NEEDS_GATE and max_drop is None and min_cosine is None and atol is None:
         raise SpecError(f"--preset {preset} needs a tolerance: give --max-drop, --min-cosine or --atol")
     spec = Pipeline.parse(pipeline if pipeline is not None else preset_spec(preset))
@@ -495,7 +513,7 @@ def registry_optimize(
                                   calibration=calibration, evaluation=evaluation, preprocess=preprocess,
                                   providers=providers, tolerance=_tolerance(atol, rtol, min_cosine),
                                   gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget),
-                                  progress=lambda step, fraction: status.update(f"[{fraction:4.0%}] {step}"))
+                                  dims=dims, progress=lambda step, fraction: status.update(f"[{fraction:4.0%}] {step}"))
     out.print(result.report.table())
     m = result.metrics
     out.print(f"registered {result.name} version {result.version} (run {result.run_id}) from {result.source} "

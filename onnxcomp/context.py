@@ -41,6 +41,7 @@ class PassContext:
     providers: list[str] = field(default_factory=lambda: ["cpu"])
     tolerance: Tolerance = field(default_factory=Tolerance)
     seed: int = 0
+    dims: dict[str, int] = field(default_factory=dict)  # sizes of symbolic input dims for generated inputs
     progress: Callable[[str, float], None] | None = None
     notes: list[str] = field(default_factory=list)
     _cache: dict[str, Any] = field(default_factory=dict)

@@ -69,7 +69,7 @@ class RegisteredResult:
 
 def optimize_version(tracking_uri: str | None, name: str, version: str, pipeline, *, target_name: str | None = None,
                      experiment: str = "onnxcomp", calibration=None, evaluation=None, preprocess=None,
-                     providers: str = "cpu", tolerance=None, gate=None, progress=None) -> RegisteredResult:
+                     providers: str = "cpu", tolerance=None, gate=None, dims=None, progress=None) -> RegisteredResult:
     """Compress version `version` of registered model `name`; register the result as a new version
     of `target_name` (default: `name`). Raises GateFailed (nothing registered) when the gate fails."""
     mlflow = require_mlflow()
@@ -89,7 +89,7 @@ def optimize_version(tracking_uri: str | None, name: str, version: str, pipeline
         source_path = fetch_onnx(mlflow, client, source_version, uri, work / "source")
         result, figures, paths = _optimize(source_path, pipeline, work / "out", calibration=calibration,
                                            evaluation=evaluation, preprocess=preprocess, providers=providers,
-                                           tolerance=tolerance, gate=gate, progress=progress)
+                                           tolerance=tolerance, gate=gate, dims=dims, progress=progress)
         if progress:
             progress("registering the result", 1.0)
         return _register(mlflow, client, uri, source_version, target_name or name, experiment, result, figures,
@@ -153,7 +153,7 @@ def _onnx_artifacts(client, run_id: str, folder: str | None = None) -> list[str]
 
 
 def _optimize(source_path: Path, pipeline, out: Path, *, calibration, evaluation, preprocess, providers,
-              tolerance, gate, progress):
+              tolerance, gate, dims, progress):
     """Run the pipeline with the gate (onnxcomp.api.optimize), then write the model and both
     reports to `out` and gather the figures to log."""
     from onnxcomp.api import optimize
@@ -165,7 +165,7 @@ def _optimize(source_path: Path, pipeline, out: Path, *, calibration, evaluation
 
     try:
         result = optimize(source_path, pipeline, calibration, providers, evaluation=evaluation,
-                          preprocess=preprocess, tolerance=tolerance, progress=progress, gate=gate)
+                          preprocess=preprocess, tolerance=tolerance, progress=progress, gate=gate, dims=dims)
     except GateFailed as exc:
         raise GateFailed(f"{exc}; nothing was registered") from None
     validation = result.report.validation or {}
@@ -197,14 +197,15 @@ def _optimize(source_path: Path, pipeline, out: Path, *, calibration, evaluation
         if top1:
             figures["validation_top1_agreement"] = float(min(top1))
     try:
-        feed = generate_inputs(source, 1)[0]
+        feed = generate_inputs(source, 1, dims=dims)[0]
         latency = interleaved_latency_ms({"before": source, "after": result.model}, feed, threads=1, rounds=5,
                                          min_runs=5, round_seconds=0.05, warmup=3)
         figures["latency_ms_before"], figures["latency_ms_after"] = latency["before"], latency["after"]
     except (RuntimeUnavailable, CannotRun) as exc:  # e.g. custom ops: register without a latency
         result.report.notes.append(f"latency not measured: {exc}")
     paths = {"model": model_path, "packed": packed_path, "json": result.report.write(out / "report.json"),
-             "html": write_html(out / "report.html", result.report, source, result.model, providers.split(","))}
+             "html": write_html(out / "report.html", result.report, source, result.model, providers.split(","),
+                               feed)}
     return result, figures, paths
 
 
