@@ -72,6 +72,25 @@ def _dims(items: list[str]) -> dict[str, int]:
     return dims
 
 
+GATE_METRIC_HELP = ("Gate: the task metric --max-drop holds, MODULE:FUNCTION or FILE.py:FUNCTION. "
+                    "FUNCTION(outputs, labels) -> float, higher is better: outputs is a list with one "
+                    "{output name: numpy array} per evaluation sample, labels the evaluation data's `labels` "
+                    "array (None without). Drop in points = 100 x (value on the input - value on the result).")
+
+
+def _gate(max_drop: float | None, min_cosine: float | None, atol: float | None, budget: int,
+          gate_metric: str | None):
+    """The Gate the options describe, with --gate-metric's function loaded (before any work)."""
+    from onnxcomp.gate import Gate, load_metric
+
+    metric = None
+    if gate_metric is not None:
+        if max_drop is None:
+            raise SpecError("--gate-metric gives the metric that --max-drop holds: give --max-drop POINTS too")
+        metric = load_metric(gate_metric)
+    return Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget, metric=metric)
+
+
 def _onto_input(output: Path, source: Path) -> bool:
     return output.exists() and source.exists() and output.resolve() == source.resolve()
 
@@ -120,7 +139,9 @@ def optimize(
     atol: Optional[float] = typer.Option(None, "--atol", help="Gate: max absolute output error vs the input model."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance for lossy passes."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum output cosine vs the input model."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: max task-metric drop in points (needs labels)."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: max task-metric drop in points "
+                                                                     "(needs labels or --gate-metric)."),
+    gate_metric: Optional[str] = typer.Option(None, "--gate-metric", help=GATE_METRIC_HELP),
     budget: int = typer.Option(6, "--budget", help="Gate: how many back-offs to try before giving up."),
     report: list[Path] = typer.Option([], "--report", help="Write the report: .html (a page with plots) or .json; repeatable."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
@@ -140,7 +161,6 @@ def optimize(
     each model is optimized in its own process into the OUTPUT folder, a failing model does not
     stop the others, and a summary table follows; the exit code is 1 if any model failed."""
     from onnxcomp.api import optimize_file
-    from onnxcomp.gate import Gate
     from onnxcomp.pipeline import Pipeline
     from onnxcomp.presets import preset_spec
 
@@ -163,8 +183,7 @@ def optimize(
         spec.passes = [p.with_params(require_speedup=True) if p.name == "quantize" else p for p in spec.passes]
     options = dict(calibration=calibration, providers=providers, evaluation=evaluation, preprocess=preprocess,
                    verify_each=verify_each, on_failure=on_failure, tolerance=_tolerance(atol, rtol, min_cosine),
-                   check=check, gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget),
-                   dims=dims)
+                   check=check, gate=_gate(max_drop, min_cosine, atol, budget, gate_metric), dims=dims)
     if batch:
         _optimize_many(models, output, spec, options, force, jobs, ray, summary, report, as_json)
         return
@@ -492,11 +511,12 @@ def registry_optimize(
     atol: Optional[float] = typer.Option(None, "--atol", help="Gate: max absolute output error vs the input model."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance for lossy passes."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum output cosine vs the input model."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: max task-metric drop in points (needs labels)."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: max task-metric drop in points "
+                                                                     "(needs labels or --gate-metric)."),
+    gate_metric: Optional[str] = typer.Option(None, "--gate-metric", help=GATE_METRIC_HELP),
     budget: int = typer.Option(6, "--budget", help="Gate: how many back-offs to try before giving up."),
 ):
     """Compress a registered ONNX model version under the gate and register the result as a new version."""
-    from onnxcomp.gate import Gate
     from onnxcomp.mlflow_registry import optimize_version, require_mlflow
     from onnxcomp.pipeline import Pipeline
     from onnxcomp.presets import NEEDS_GATE, preset_spec
@@ -512,8 +532,7 @@ def registry_optimize(
         result = optimize_version(tracking_uri, model, version, spec, target_name=target_name, experiment=experiment,
                                   calibration=calibration, evaluation=evaluation, preprocess=preprocess,
                                   providers=providers, tolerance=_tolerance(atol, rtol, min_cosine),
-                                  gate=Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget),
-                                  dims=dims, progress=lambda step, fraction: status.update(f"[{fraction:4.0%}] {step}"))
+                                  gate=_gate(max_drop, min_cosine, atol, budget, gate_metric), dims=dims, progress=lambda step, fraction: status.update(f"[{fraction:4.0%}] {step}"))
     out.print(result.report.table())
     m = result.metrics
     out.print(f"registered {result.name} version {result.version} (run {result.run_id}) from {result.source} "

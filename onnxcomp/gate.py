@@ -3,14 +3,20 @@ the gate, find that pass (bisection over the pipeline's snapshots), back off its
 retry, within a budget. The path taken goes into the report.
 
 Gate kinds: `max_drop` (task metric drop in percentage points — top-1 accuracy against labels by
-default, or the user's metric function), `min_cosine` and `atol` (output agreement with the
-original model). Evaluation data never overlaps calibration data.
+default, or the user's metric function: fn(outputs, labels) -> float, higher is better, where
+outputs holds one {output name: array} per evaluation sample and labels is the evaluation data's
+`labels` array or None; the drop is (fn on the input model - fn on the result) * 100),
+`min_cosine` and `atol` (output agreement with the original model). Evaluation data never
+overlaps calibration data.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -66,6 +72,40 @@ def top1_accuracy(outputs: list[dict[str, np.ndarray]], labels: np.ndarray) -> f
     return float(np.mean(predictions == labels))
 
 
+def load_metric(target: str) -> Callable:
+    """A gate metric from `MODULE:FUNCTION` (the current folder is importable) or `FILE.py:FUNCTION`.
+
+    A file is imported by its name from its folder, put on sys.path, rather than loaded under a
+    made-up name: the function then pickles by reference into batch mode's worker processes,
+    which inherit sys.path."""
+    where, _, name = target.rpartition(":")
+    if not where or not name:
+        raise InputError(f"--gate-metric {target!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    path = Path(where)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise InputError(f"--gate-metric {target!r}: {where}: no such file")
+        folder, module_name = str(path.resolve().parent), path.stem
+    else:
+        folder, module_name = str(Path.cwd()), where
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module's own code raises
+        raise InputError(f"--gate-metric {target!r}: cannot import {module_name} "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if path.suffix == ".py" and Path(module.__file__ or "").resolve() != path.resolve():
+        raise InputError(f"--gate-metric {target!r}: another module named {module_name} ({module.__file__}) "
+                         "is imported instead; rename the file")
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise InputError(f"--gate-metric {target!r}: {module_name} has no function {name}")
+    if not callable(fn):
+        raise InputError(f"--gate-metric {target!r}: {name} is a {type(fn).__name__}, not a function")
+    return fn
+
+
 def _digest(feed: dict[str, np.ndarray]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for key in sorted(feed):
@@ -109,7 +149,14 @@ class GateChecker:
         if self.gate.max_drop is None:
             return None
         fn = self.gate.metric or top1_accuracy
-        return float(fn(outputs, self.labels))
+        name = getattr(fn, "__name__", "metric")
+        try:  # the user's code: whatever it raises is one line, not a traceback
+            value = float(fn(outputs, self.labels))
+        except Exception as exc:
+            raise InputError(f"the gate metric {name} failed: {type(exc).__name__}: {exc}") from exc
+        if not np.isfinite(value):  # a NaN drop would compare False and pass the gate
+            raise InputError(f"the gate metric {name} returned {value}; it must return a finite number")
+        return value
 
     def check(self, candidate) -> Verdict:
         from onnxcomp.context import Tolerance
