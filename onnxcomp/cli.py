@@ -75,7 +75,7 @@ def _dims(items: list[str]) -> dict[str, int]:
 GATE_METRIC_HELP = ("Gate: the task metric --max-drop holds, MODULE:FUNCTION or FILE.py:FUNCTION. "
                     "FUNCTION(outputs, labels) -> float, higher is better: outputs is a list with one "
                     "{output name: numpy array} per evaluation sample, labels the evaluation data's `labels` "
-                    "array (None without). Drop in points = 100 x (value on the input - value on the result).")
+                    "array, flattened (None without). Drop in points = 100 x (value on the input - value on the result).")
 
 
 def _gate(max_drop: float | None, min_cosine: float | None, atol: float | None, budget: int,

@@ -5,7 +5,7 @@ retry, within a budget. The path taken goes into the report.
 Gate kinds: `max_drop` (task metric drop in percentage points — top-1 accuracy against labels by
 default, or the user's metric function: fn(outputs, labels) -> float, higher is better, where
 outputs holds one {output name: array} per evaluation sample and labels is the evaluation data's
-`labels` array or None; the drop is (fn on the input model - fn on the result) * 100),
+`labels` array, flattened, or None; the drop is (fn on the input model - fn on the result) * 100),
 `min_cosine` and `atol` (output agreement with the original model). Evaluation data never
 overlaps calibration data.
 """
