@@ -49,6 +49,9 @@ class Pass:
     lossless: ClassVar[bool] = True
     exact: ClassVar[bool] = False
     Config: ClassVar[type] = NoConfig
+    # True when run() reads ctx.input_model (the model before the pipeline's first pass): only
+    # then does the pipeline keep that copy.
+    needs_input_model: bool = False
 
     def __init__(self, **params: Any):
         self.config = build_config(self.name, self.Config, params)

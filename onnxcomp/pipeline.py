@@ -78,6 +78,8 @@ class Pipeline:
         """Run every pass over `model` (edited in place). With `snapshots` (a list), a copy of the
         model after each pass is appended to it (the accuracy gate bisects over them)."""
         ctx = ctx or PassContext()
+        if any(p.needs_input_model for p in self.passes):
+            ctx.input_model = model.copy()  # distill's default teacher
         report = Report(pipeline=str(self), input=model.summary())
         started = time.perf_counter()
         feeds = None

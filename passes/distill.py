@@ -2,7 +2,8 @@
 
     student weights  <-  argmin  KL(teacher/T || student/T)·T²   (logits; MSE for other outputs)
 
-The teacher is the model the pipeline started from (the file it was loaded from), or `teacher`.
+The teacher is the pipeline's input model (as it was before the first pass, in memory or from a
+file), or the file `teacher`.
 It runs on ONNX Runtime over the calibration data, which needs no labels: the teacher labels it.
 When the calibration feeds carry a `labels` array, a cross-entropy term weighted by `alpha` is
 added. The compression structure is kept: pruned zeros stay zero, codebook layers keep their
@@ -32,7 +33,7 @@ class Distill(Pass):
 
     @dataclass(frozen=True)
     class Config:
-        teacher: str = param("", "teacher .onnx path; empty: the model the pipeline was loaded from")
+        teacher: str = param("", "teacher .onnx path; empty: the pipeline's input model")
         epochs: int = param(20, "passes over the calibration data", min=1, max=10000)
         steps: int = param(0, "optimizer steps instead of epochs (0: use epochs)", min=0)
         lr: float = param(3e-3, "Adam learning rate (cosine decay to zero)", min=0.0, max=1.0)
@@ -46,17 +47,24 @@ class Distill(Pass):
         device: str = param("auto", "where torch trains: auto (CUDA when available), cpu or cuda",
                             choices=("auto", "cpu", "cuda"))
 
+    @property
+    def needs_input_model(self) -> bool:
+        return not self.config.teacher
+
     def run(self, model, ctx) -> PassResult:
         from onnxcomp.distill import DistillConfig, distill
         from onnxcomp.gate import LABELS_KEY
 
         cfg = self.config
-        teacher = Path(cfg.teacher) if cfg.teacher else model.source_path
-        if teacher is None:
-            raise PassError("distill: the pipeline's input model was not loaded from a file; "
-                            "give distill(teacher=PATH)")
-        if not Path(teacher).is_file():
-            raise PassError(f"distill: teacher {teacher} does not exist")
+        if cfg.teacher:
+            teacher = Path(cfg.teacher)
+            if not teacher.is_file():
+                raise PassError(f"distill: teacher {teacher} does not exist")
+        elif ctx.input_model is not None:
+            teacher = ctx.input_model
+        else:  # run outside a Pipeline: nothing recorded the model before the passes
+            raise PassError("distill: no teacher: run it in a Pipeline (the input model teaches) "
+                            "or give distill(teacher=PATH)")
         feeds = list(ctx.require_calibration(self.name))
         labels = None
         if all(LABELS_KEY in f for f in feeds):

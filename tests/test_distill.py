@@ -111,12 +111,28 @@ def test_feature_distillation_matches_a_named_hidden_tensor_and_refuses_unknown_
         distill(pruned.copy(), entry.path, train[:64], DistillConfig(epochs=1, features=("nowhere",)))
 
 
-def test_distill_pass_on_an_in_memory_model_asks_for_a_teacher(digits):
-    from onnxcomp.errors import PassError
-
+def test_distill_pass_on_an_in_memory_model_is_taught_by_that_model(digits, tmp_path):
     entry, train = digits
-    with pytest.raises(PassError, match=r"distill\(teacher=PATH\)"):
-        onnxcomp.optimize(entry.load(), "distill(epochs=1)", calibration=train[:8], check=False)
+    in_memory = entry.load()  # a ModelProto: no file behind it
+    spec = PRUNE + ", distill(epochs=2{})"
+    taught = onnxcomp.optimize(in_memory, spec.format(""), calibration=train[:256], check=False)
+    stats = taught.report.passes[-1].stats
+    assert stats["loss_last"] < stats["loss_first"]
+    teacher = tmp_path / "teacher.onnx"
+    onnx.save(in_memory, teacher)
+    named = onnxcomp.optimize(in_memory, spec.format(f", teacher={teacher}"), calibration=train[:256], check=False)
+    assert named.report.passes[-1].stats["loss_last"] == stats["loss_last"]  # the same teacher, the same run
+    assert all(np.array_equal(w, initializers(named.model)[k]) for k, w in initializers(taught.model).items())
+
+
+def test_distill_pass_outside_a_pipeline_asks_for_a_teacher(digits, pruned):
+    from onnxcomp.context import PassContext
+    from onnxcomp.errors import PassError
+    from onnxcomp.registry import get
+
+    _, train = digits
+    with pytest.raises(PassError, match=r"give distill\(teacher=PATH\)"):
+        get("distill")(epochs=1).run(pruned.copy(), PassContext(calibration=train[:8]))
 
 
 def test_cli_distill_writes_a_packed_model_and_reports_before_and_after(digits, pruned, tmp_path):
