@@ -90,14 +90,14 @@ def _tables(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True)
-def _slot_tables(freq, cum):
-    """Per slot of each table: symbol << 32 | its frequency << 16 | (slot - its cumulative
-    frequency), the decoder's one lookup per symbol (indexed by the state's low bits)."""
-    out = np.empty((freq.shape[0], TOTAL), np.int64)
+def _slot_symbols(freq, cum):
+    """The symbol of each slot of each table: the decoder's first lookup (indexed by the state's
+    low bits). One byte per slot keeps 64 tables in 1 MB, so a model's shared tables stay in
+    cache while rows switch between them."""
+    out = np.empty((freq.shape[0], TOTAL), np.uint8)
     for t in range(freq.shape[0]):
         for s in range(256):
-            for k in range(freq[t, s]):
-                out[t, cum[t, s] + k] = (s << 32) | (freq[t, s] << 16) | k
+            out[t, cum[t, s]:cum[t, s] + freq[t, s]] = s
     return out
 
 
@@ -134,17 +134,17 @@ def encode_kernel(symbols, sizes, table_ids, freq, cum):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def decode_one(x, words, p, table):
-    """One symbol from state x -> (new state, next word index, symbol). `table` packs, per
-    slot, symbol << 32 | frequency << 16 | (slot - cumulative frequency): one load per symbol."""
-    e = table[x & (TOTAL - 1)]
-    x = ((e >> 16) & 0xFFFF) * (x >> PROB_BITS) + (e & 0xFFFF)
+def decode_one(x, words, p, symbols, freq, cum):
+    """One symbol from state x -> (new state, next word index, symbol)."""
+    s = symbols[x & (TOTAL - 1)]
+    x = freq[s] * (x >> PROB_BITS) + (x & (TOTAL - 1)) - cum[s]
     need = ((x - LOW) >> 63) & 1  # 1 when x < LOW; branch-free: the branch is unpredictable
     x = (x << (need << 4)) | (words[p] & -need)
-    return x, p + need, e >> 32
+    return x, p + need, s
+
 
 @numba.njit(cache=True, nogil=True)
-def decode_kernel(words, nwords, group_sizes, group_tables, tables, out):
+def decode_kernel(words, nwords, group_sizes, group_tables, slot_symbols, freqs, cums, out):
     # `words` is padded with zeros past `nwords` by one word per symbol, so reading never runs
     # past the array even on corrupt data (at most one word is read per symbol); the stream is
     # valid only if exactly `nwords` were read and the states end where the encoder began.
@@ -156,34 +156,33 @@ def decode_kernel(words, nwords, group_sizes, group_tables, tables, out):
     p = 2 * LANES
     i = 0
     for g in range(group_sizes.size):
-        table = tables[group_tables[g]]
+        t = group_tables[g]
+        sy, fr, cu = slot_symbols[t], freqs[t], cums[t]
         end = i + group_sizes[g]
         while i < end and i & 3:  # finish the round of lanes the previous group began
             if i & 3 == 1:
-                x1, p, out[i] = decode_one(x1, words, p, table)
+                x1, p, out[i] = decode_one(x1, words, p, sy, fr, cu)
             elif i & 3 == 2:
-                x2, p, out[i] = decode_one(x2, words, p, table)
+                x2, p, out[i] = decode_one(x2, words, p, sy, fr, cu)
             else:
-                x3, p, out[i] = decode_one(x3, words, p, table)
+                x3, p, out[i] = decode_one(x3, words, p, sy, fr, cu)
             i += 1
         while i + 4 <= end:
-            x0, p, out[i] = decode_one(x0, words, p, table)
-            x1, p, out[i + 1] = decode_one(x1, words, p, table)
-            x2, p, out[i + 2] = decode_one(x2, words, p, table)
-            x3, p, out[i + 3] = decode_one(x3, words, p, table)
+            x0, p, out[i] = decode_one(x0, words, p, sy, fr, cu)
+            x1, p, out[i + 1] = decode_one(x1, words, p, sy, fr, cu)
+            x2, p, out[i + 2] = decode_one(x2, words, p, sy, fr, cu)
+            x3, p, out[i + 3] = decode_one(x3, words, p, sy, fr, cu)
             i += 4
         if i < end:
-            x0, p, out[i] = decode_one(x0, words, p, table)
+            x0, p, out[i] = decode_one(x0, words, p, sy, fr, cu)
             i += 1
         if i < end:
-            x1, p, out[i] = decode_one(x1, words, p, table)
+            x1, p, out[i] = decode_one(x1, words, p, sy, fr, cu)
             i += 1
         if i < end:
-            x2, p, out[i] = decode_one(x2, words, p, table)
+            x2, p, out[i] = decode_one(x2, words, p, sy, fr, cu)
             i += 1
     return p == nwords and x0 == LOW and x1 == LOW and x2 == LOW and x3 == LOW
-
-
 
 
 def encode(symbols: np.ndarray, sizes: np.ndarray, table_ids: np.ndarray, tables: np.ndarray) -> bytes:
@@ -202,20 +201,22 @@ def encode(symbols: np.ndarray, sizes: np.ndarray, table_ids: np.ndarray, tables
     return words.astype("<u2").tobytes()
 
 
-_shared_cache: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+_shared_cache: tuple = (None, None)
 
 
-def _decoder_tables(tables: np.ndarray, keep: bool) -> np.ndarray:
-    """The decoder's slot tables. A model's shared tables (one array object, up to 64 tables of
-    16,384 slots) serve most of its planes: with `keep`, the last such array's are kept."""
+def _decoder_tables(tables: np.ndarray, keep: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The decoder's (slot symbols, frequencies, cumulative frequencies). A model's shared tables
+    (one array object, up to 64 tables) serve most of its planes: with `keep`, the last such
+    array's are kept."""
     global _shared_cache
     cached = _shared_cache  # one read: threads decoding other models may replace it meanwhile
     if keep and cached[0] is tables:
         return cached[1]
-    slot_tables = _slot_tables(*_tables(tables))
+    freq, cum = _tables(tables)
+    decoder = (_slot_symbols(freq, cum), freq, cum)
     if keep:
-        _shared_cache = (tables, slot_tables)
-    return slot_tables
+        _shared_cache = (tables, decoder)
+    return decoder
 
 
 def decode(data: bytes | memoryview, sizes: np.ndarray, table_ids: np.ndarray, tables: np.ndarray,
@@ -235,12 +236,12 @@ def decode(data: bytes | memoryview, sizes: np.ndarray, table_ids: np.ndarray, t
     if len(sizes) != len(table_ids) or table_ids.min() < 0 or table_ids.max() >= len(tables):
         raise CorruptStream(f"{where}: table ids do not match the tables")
     try:
-        slot_tables = _decoder_tables(tables, shared)
+        decoder = _decoder_tables(tables, shared)
     except ValueError as exc:
         raise CorruptStream(f"{where}: bad symbol table ({exc})") from exc
     words = np.zeros(nwords + total + 1, np.uint16)  # the zero padding keeps reads in bounds (see kernel)
     words[:nwords] = np.frombuffer(data, dtype="<u2")
     out = np.empty(total, np.uint8)
-    if not decode_kernel(words, nwords, sizes, table_ids, slot_tables, out):
+    if not decode_kernel(words, nwords, sizes, table_ids, *decoder, out):
         raise CorruptStream(f"{where}: rANS data is corrupt (it does not decode to {total} symbols)")
     return out
