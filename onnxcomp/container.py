@@ -1,14 +1,18 @@
-"""The packed model file (.onnxc): the model protobuf without its tensor payloads, plus one
-entropy-coded stream per tensor, each with its checksum.
+"""The packed model file (.onnxc): the model protobuf without its tensor payloads, plus
+entropy-coded streams (one per large tensor, one per bundle of small tensors of a layout), each
+with its checksum, and each tensor's checksum.
 
-Layout (little-endian):
+Layout (little-endian; varints are LEB128):
     magic  b"ONNXC\\x00\\r\\n"        8 bytes (the CR LF catches text-mode mangling)
     u16 version, u16 flags, u32 header length, u32 header crc32
     header: u8 skeleton method (0 raw, 1 zstd, 2 xz), u64 skeleton bytes, u64 skeleton decoded bytes,
             u32 skeleton crc32, u64 tables bytes, u32 tables crc32, u64 total decoded bytes,
-            u32 stream count, then per stream: u32 tensor index, u8 field, u8 storage dtype,
-            u64 coded bytes, u64 decoded bytes, u32 coded crc32, u32 decoded crc32
+            u32 stream count, then per stream: varint tensors, varint coded bytes, u32 coded crc32,
+            varint padding elements, and per tensor: varint tensor index, u8 field << 4 | storage
+            dtype, varint decoded bytes, u32 decoded crc32
     skeleton, shared tables, streams (back to back, in header order)
+A bundle stream decodes to its tensors' bytes one after another, then the padding (zeros up to
+whole rows of BUNDLE_ROW elements). Version 1 files (one tensor per stream) are still read.
 
 Tensors are every TensorProto of the model, walked in a fixed order: initializers, sparse
 initializers (values, indices), node attributes (Constant values, sparse tensors), recursively
@@ -43,8 +47,12 @@ from onnxcomp.coding.io import CorruptStream, Reader, Writer
 from onnxcomp.errors import InputError, OutputError
 
 MAGIC = b"ONNXC\x00\r\n"
-VERSION = 1
+VERSION = 2                      # 2: small tensors in bundles
+READS = (1, 2)
 MIN_PACKED_BYTES = 64            # smaller payloads stay in the protobuf
+BUNDLE_MAX = 16 << 10            # tensors under this many bytes are coded in bundles
+BUNDLE_CAP = 16 << 20            # ... of at most this many bytes each
+BUNDLE_ROW = 64                  # a bundle's rows (one symbol table each) hold this many elements
 MAX_DECODED = int(os.environ.get("ONNXCOMP_MAX_DECODED", 64 << 30))  # refuse files declaring more
 T = onnx.TensorProto
 FIELDS = {1: ("raw_data", None), 2: ("float_data", np.float32), 3: ("int32_data", np.int32),
@@ -146,16 +154,23 @@ def _payload(tensor: onnx.TensorProto, raw: bytes | None = None) -> tuple[int, n
 
 # ---- packing -----------------------------------------------------------------------------
 @dataclass
-class _Entry:
+class _Member:
+    """One tensor's place in a stream."""
     index: int
     field: int
     storage: int
-    coded: int
-    coded_crc: int
     decoded: int
     decoded_crc: int
-    choice: str
     name: str
+
+
+@dataclass
+class _Stream:
+    members: list[_Member]
+    pad: int          # zero elements after the members (bundles are padded to whole rows)
+    coded: int
+    coded_crc: int
+    choice: str
 
 
 def pack_proto(proto: onnx.ModelProto, coder: str = "auto") -> tuple[bytes, dict[str, Any]]:
@@ -165,15 +180,35 @@ def pack_proto(proto: onnx.ModelProto, coder: str = "auto") -> tuple[bytes, dict
     return out.getvalue(), stats
 
 
+def _bundles(sizes: dict[int, tuple[int, tuple[str, int]]]) -> tuple[list[int], list[list[int]]]:
+    """Split packed tensors (index -> (bytes, layout)) into the ones coded alone and bundles of
+    small tensors with the same layout (one stream each, capped at BUNDLE_CAP bytes)."""
+    alone, groups = [], {}
+    for index, (nbytes, layout) in sizes.items():
+        if nbytes >= BUNDLE_MAX:
+            alone.append(index)
+            continue
+        group = groups.setdefault(layout, [[]])
+        if sum(sizes[i][0] for i in group[-1]) + nbytes > BUNDLE_CAP:
+            group.append([])
+        group[-1].append(index)
+    bundles = [b for g in groups.values() for b in g if b]
+    singles = [b[0] for b in bundles if len(b) == 1]
+    return sorted(alone + singles), [b for b in bundles if len(b) > 1]
+
+
 def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned: bool = False,
             external: dict[str, tuple[Path, int, int]] | None = None) -> dict[str, Any]:
     """Write the packed model to the binary file `out`; returns the stats.
 
-    Streams: each tensor is read, coded and its stream spilled to a temporary file before the
-    next, so memory holds one tensor at a time besides the proto (the header, which lists every
-    stream, comes first in the file and is written last). `owned=True`: the proto is the
-    caller's to spend (used as the skeleton instead of a copy). `external`: tensor name ->
-    (file, offset, length) of main-graph initializers left in their (checked) data file.
+    Streams: each large tensor is read, coded and its stream spilled to a temporary file before
+    the next, so memory holds one large tensor at a time besides the proto (the header, which
+    lists every stream, comes first in the file and is written last). Tensors under BUNDLE_MAX
+    bytes are coded together, one bundle per layout: one stream instead of hundreds of tiny
+    ones codes smaller (one model per row of the bundle instead of per tensor) and decodes
+    without a Python round trip per tensor. `owned=True`: the proto is the caller's to spend
+    (used as the skeleton instead of a copy). `external`: tensor name -> (file, offset, length)
+    of main-graph initializers left in their (checked) data file.
     """
     if coder not in coding.CODERS:
         raise InputError(f"unknown coder {coder!r} (choose one of: {', '.join(coding.CODERS)})")
@@ -209,31 +244,69 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
             else (values.size,)
         return fid, values, kind, itemsize, unsigned, shape
 
-    found = [i for i in range(len(tensors)) if payload(i) is not None]
-    shared = coding.fit_shared(_items(prepared, found), coder)
-    entries = []
+    sizes = {}
+    for i in range(len(tensors)):
+        found = payload(i)
+        if found is not None:
+            sizes[i] = (found[1].nbytes, coding.layout(tensors[i].data_type, found[1].dtype))
+    alone, bundles = _bundles(sizes)
+
+    def bundled(indices: list[int]):
+        """The bundle's values, padded with zeros to whole rows of BUNDLE_ROW elements, its
+        (rows, BUNDLE_ROW) shape, and its members."""
+        parts, members = [], []
+        for index in indices:
+            fid, values, kind, itemsize, unsigned, _ = prepared(index)
+            parts.append(unsigned)
+            members.append(_member(index, fid, values, unsigned))
+        n = sum(p.size for p in parts)
+        pad = -n % BUNDLE_ROW
+        values = np.concatenate(parts + [np.zeros(pad, parts[0].dtype)])
+        return values, kind, itemsize, (values.size // BUNDLE_ROW, BUNDLE_ROW), members, pad
+
+    def _member(index, fid, values, unsigned):
+        return _Member(index, fid, STORAGE_CODE[np.dtype(values.dtype).newbyteorder("=")], unsigned.nbytes,
+                       zlib.crc32(unsigned), tensors[index].name)
+
+    def items():
+        """(values, kind, itemsize, shape) of each stream as it will be coded, for fit_shared."""
+        for index in alone:
+            _, _, kind, itemsize, unsigned, shape = prepared(index)
+            yield unsigned, kind, itemsize, shape
+        for indices in bundles:
+            yield bundled(indices)[:4]
+
+    shared = coding.fit_shared(items(), coder)
+    streams: list[_Stream] = []
     with tempfile.TemporaryFile() as spill:
-        for index in found:
-            fid, values, kind, itemsize, unsigned, shape = prepared(index)
-            tensor = tensors[index]
-            stream, choice = coding.encode_tensor(unsigned, kind, itemsize, shape, coder, shared)
+        def code(values, kind, itemsize, shape, members, pad):
+            stream, choice = coding.encode_tensor(values, kind, itemsize, shape, coder, shared)
             spill.write(stream)
-            entries.append(_Entry(index, fid, STORAGE_CODE[np.dtype(values.dtype).newbyteorder("=")], len(stream),
-                                  zlib.crc32(stream), unsigned.nbytes, zlib.crc32(unsigned), choice, tensor.name))
-            del stream, values, unsigned
-            tensor.ClearField(FIELDS[fid][0])
-            if tensor.data_location == T.EXTERNAL:  # unpacked, its data is inline
-                tensor.ClearField("data_location")
-                del tensor.external_data[:]
+            streams.append(_Stream(members, pad, len(stream), zlib.crc32(stream), choice))
+
+        for index in alone:
+            fid, values, kind, itemsize, unsigned, shape = prepared(index)
+            code(unsigned, kind, itemsize, shape, [_member(index, fid, values, unsigned)], 0)
+            del values, unsigned
+        for indices in bundles:
+            code(*bundled(indices))
+        for stream in streams:
+            for m in stream.members:
+                tensor = tensors[m.index]
+                tensor.ClearField(FIELDS[m.field][0])
+                if tensor.data_location == T.EXTERNAL:  # unpacked, its data is inline
+                    tensor.ClearField("data_location")
+                    del tensor.external_data[:]
         encode_s = time.perf_counter() - t0
         skel_raw = skeleton.SerializeToString()
         options = [(0, skel_raw), (1, coding.tensor.zstd_compress(skel_raw)),
                    (2, lzma.compress(skel_raw, preset=9 | lzma.PRESET_EXTREME))]
-        skel_method, skel = min(options, key=lambda o: len(o[1]))
+        skel_method, skel = min(options, key=lambda o: coding.tensor.weighed(coding.tensor.XZ if o[0] == 2 else 0,
+                                                                            len(o[1])))
         tables_raw = shared_tables.write(shared)
         tables_xz = coding.tensor.xz_compress(tables_raw)
         tables_blob = b"\1" + tables_xz if len(tables_xz) < len(tables_raw) else b"\0" + tables_raw
-        total = sum(e.decoded for e in entries)
+        total = sum(m.decoded for s in streams for m in s.members)
         h = Writer()
         h.u8(skel_method)
         h.u64(len(skel))
@@ -242,16 +315,17 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
         h.u64(len(tables_blob))
         h.u32(zlib.crc32(tables_blob))
         h.u64(total)
-        h.u32(len(entries))
-        last = -1
-        for e in entries:
-            h.varint(e.index - last - 1)
-            last = e.index
-            h.u8(e.field * 16 + e.storage)
-            h.varint(e.coded)
-            h.varint(e.decoded)
-            h.u32(e.coded_crc)
-            h.u32(e.decoded_crc)
+        h.u32(len(streams))
+        for s in streams:
+            h.varint(len(s.members))
+            h.varint(s.coded)
+            h.u32(s.coded_crc)
+            h.varint(s.pad)
+            for m in s.members:
+                h.varint(m.index)
+                h.u8(m.field * 16 + m.storage)
+                h.varint(m.decoded)
+                h.u32(m.decoded_crc)
         header = h.getvalue()
         start = out.tell()
         out.writelines((MAGIC, struct.pack("<HHII", VERSION, 0, len(header), zlib.crc32(header)), header,
@@ -260,29 +334,28 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
         shutil.copyfileobj(spill, out, 16 << 20)
         packed_bytes = out.tell() - start
     choices: dict[str, int] = {}
-    for e in entries:
-        choices[e.choice] = choices.get(e.choice, 0) + 1
+    per_tensor = {}
+    for s in streams:
+        choice = s.choice if len(s.members) == 1 else f"bundle:{s.choice}"
+        choices[choice] = choices.get(choice, 0) + len(s.members)
+        share = s.coded / max(1, sum(m.decoded for m in s.members))
+        for m in s.members:  # a bundle member's coded size is its share of the bundle's
+            per_tensor[m.name or f"#{m.index}"] = {"bytes": m.decoded, "coded": round(m.decoded * share),
+                                                   "choice": choice}
     return {
         "coder": coder,
         "packed_bytes": packed_bytes,
         "plain_bytes": plain_bytes,
         "tensor_bytes": total,
-        "coded_tensor_bytes": sum(e.coded for e in entries),
+        "coded_tensor_bytes": sum(s.coded for s in streams),
         "skeleton_bytes": len(skel),
         "tables_bytes": len(tables_blob),
-        "tensors": len(entries),
+        "tensors": len(per_tensor),
+        "streams": len(streams),
         "encode_seconds": encode_s,
         "choices": choices,
-        "per_tensor": {e.name or f"#{e.index}": {"bytes": e.decoded, "coded": e.coded, "choice": e.choice}
-                       for e in entries},
+        "per_tensor": per_tensor,
     }
-
-
-def _items(prepared, found):
-    """(values, kind, itemsize, shape) of each tensor, one at a time, for coding.fit_shared."""
-    for index in found:
-        _, _, kind, itemsize, unsigned, shape = prepared(index)
-        yield unsigned, kind, itemsize, shape
 
 
 # ---- unpacking ---------------------------------------------------------------------------
@@ -293,8 +366,9 @@ def unpack_bytes(data: bytes | memoryview, where: str = "packed model",
     if len(data) < len(MAGIC) + 12 or bytes(data[:len(MAGIC)]) != MAGIC:
         raise InputError(f"{where}: not a packed onnxcomp model (bad magic)")
     version, _flags, header_len, header_crc = struct.unpack("<HHII", data[len(MAGIC):len(MAGIC) + 12])
-    if version != VERSION:
-        raise InputError(f"{where}: packed format version {version} is not supported (this onnxcomp reads {VERSION})")
+    if version not in READS:
+        raise InputError(f"{where}: packed format version {version} is not supported "
+                         f"(this onnxcomp reads {', '.join(map(str, READS))})")
     start = len(MAGIC) + 12
     if header_len > len(data) - start:
         raise InputError(f"{where}: truncated (header of {header_len} bytes, {len(data) - start} left)")
@@ -302,7 +376,7 @@ def unpack_bytes(data: bytes | memoryview, where: str = "packed model",
     if zlib.crc32(header) != header_crc:
         raise InputError(f"{where}: header checksum mismatch (the file is corrupt)")
     try:
-        return _unpack(data, Reader(header, f"{where}: header"), start + header_len, where, max_decoded)
+        return _unpack(data, Reader(header, f"{where}: header"), start + header_len, where, max_decoded, version)
     except CorruptStream as exc:
         raise InputError(str(exc)) from None
 
@@ -316,7 +390,32 @@ def _section(data: memoryview, pos: int, length: int, crc: int, what: str, where
     return part
 
 
-def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int) -> onnx.ModelProto:
+def _read_streams(h: Reader, count: int, version: int, max_decoded: int) -> list[_Stream]:
+    """The header's stream list. Version 1: one tensor per stream, indices as gaps from the
+    previous one; version 2: a stream holds one tensor or a bundle, with absolute indices."""
+    streams, last = [], -1
+    for _ in range(count):
+        if version == 1:
+            last = last + 1 + h.varint(1 << 32)
+            packed = h.u8()
+            coded, decoded = h.varint(), h.varint(max_decoded)
+            coded_crc, decoded_crc = h.u32(), h.u32()
+            streams.append(_Stream([_Member(last, packed >> 4, packed & 15, decoded, decoded_crc, "")], 0,
+                                   coded, coded_crc, ""))
+            continue
+        n_members, coded, coded_crc, pad = h.varint(1 << 32), h.varint(), h.u32(), h.varint(BUNDLE_ROW - 1)
+        if n_members < 1 or n_members * 7 > h.left():
+            raise h.fail(f"a stream lists {n_members} tensors")
+        members = []
+        for _ in range(n_members):
+            index, packed, decoded, decoded_crc = h.varint(1 << 32), h.u8(), h.varint(max_decoded), h.u32()
+            members.append(_Member(index, packed >> 4, packed & 15, decoded, decoded_crc, ""))
+        streams.append(_Stream(members, pad, coded, coded_crc, ""))
+    h.done()
+    return streams
+
+
+def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int, version: int) -> onnx.ModelProto:
     from onnxcomp.model import parse_model_bytes
 
     skel_method, skel_len, skel_raw_len, skel_crc = h.u8(), h.u64(), h.u64(), h.u32()
@@ -325,12 +424,7 @@ def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int)
         raise InputError(f"{where}: declares {total} decoded bytes, over the limit of {max_decoded}")
     if count * 11 > h.left():
         raise InputError(f"{where}: header lists {count} streams but holds {h.left()} bytes of entries")
-    entries, last = [], -1
-    for _ in range(count):
-        last = last + 1 + h.varint(1 << 32)
-        packed = h.u8()
-        entries.append((last, packed >> 4, packed & 15, h.varint(), h.varint(max_decoded), h.u32(), h.u32()))
-    h.done()
+    streams = _read_streams(h, count, version, max_decoded)
     skel = _section(data, pos, skel_len, skel_crc, "model skeleton", where)
     pos += skel_len
     if skel_raw_len > max(len(data), 1) * 4096 or skel_raw_len > (2 << 30):
@@ -344,29 +438,64 @@ def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int)
         coding.tensor.xz_decompress(tables_blob[1:], _xz_size(tables_blob[1:], where), f"{where}: shared tables")
     shared = shared_tables.read(tables_raw)
     proto = parse_model_bytes(skel_bytes, where)
-    tensors = list(all_tensors(proto))
-    if sum(e[4] for e in entries) != total:
+    if sum(m.decoded for s in streams for m in s.members) != total:
         raise InputError(f"{where}: stream sizes do not add up to the declared total")
-    for index, field, storage, coded_len, decoded_len, coded_crc, decoded_crc in entries:
-        name = f"{where}: tensor #{index}"
-        if index >= len(tensors) or field not in FIELDS or storage not in STORAGE:
-            raise InputError(f"{name}: bad stream entry (index, field or storage type)")
-        tensor = tensors[index]
-        dtype = np.dtype(STORAGE[storage])
-        expected = _expected_bytes(tensor, field, dtype)
-        if decoded_len != expected:
-            raise InputError(f"{name} ({tensor.name}): stream decodes to {decoded_len} bytes but its shape "
-                             f"declares {expected}")
-        stream = _section(data, pos, coded_len, coded_crc, f"stream of tensor {tensor.name!r}", where)
-        pos += coded_len
-        kind, itemsize = coding.layout(tensor.data_type, dtype)
-        raw = coding.decode_tensor(stream, kind, itemsize, decoded_len // itemsize, shared, f"{name} ({tensor.name})")
-        if zlib.crc32(raw) != decoded_crc:
-            raise InputError(f"{name} ({tensor.name}): decoded data checksum mismatch")
-        _fill(tensor, field, np.frombuffer(raw, dtype=dtype.newbyteorder("<")))
+    tensors = _tensors_at(proto, [m.index for s in streams for m in s.members], where)
+    for stream in streams:
+        first = stream.members[0]
+        name = f"{where}: tensor #{first.index}"
+        layout = None
+        for m in stream.members:
+            tensor = tensors[m.index]
+            if m.field not in FIELDS or m.storage not in STORAGE:
+                raise InputError(f"{where}: tensor #{m.index}: bad stream entry (field or storage type)")
+            dtype = np.dtype(STORAGE[m.storage])
+            expected = _expected_bytes(tensor, m.field, dtype)
+            if m.decoded != expected:
+                raise InputError(f"{where}: tensor #{m.index} ({tensor.name}): stream decodes to {m.decoded} "
+                                 f"bytes but its shape declares {expected}")
+            if layout not in (None, coding.layout(tensor.data_type, dtype)):
+                raise InputError(f"{name}: a bundle mixes tensors of different layouts")
+            layout = coding.layout(tensor.data_type, dtype)
+        kind, itemsize = layout
+        stream_bytes = _section(data, pos, stream.coded, stream.coded_crc,
+                                f"stream of tensor {tensors[first.index].name!r}", where)
+        pos += stream.coded
+        elements = sum(m.decoded for m in stream.members) // itemsize + stream.pad
+        if len(stream.members) > 1 and elements % BUNDLE_ROW:
+            raise InputError(f"{name}: a bundle does not fill whole rows")
+        raw = coding.decode_tensor(stream_bytes, kind, itemsize, elements, shared,
+                                   f"{name} ({tensors[first.index].name})")
+        offset = 0
+        for m in stream.members:
+            tensor = tensors[m.index]
+            part = raw[offset:offset + m.decoded]
+            offset += m.decoded
+            if zlib.crc32(part) != m.decoded_crc:
+                raise InputError(f"{where}: tensor #{m.index} ({tensor.name}): decoded data checksum mismatch")
+            _fill(tensor, m.field, np.frombuffer(part, dtype=np.dtype(STORAGE[m.storage]).newbyteorder("<")))
     if pos != len(data):
         raise InputError(f"{where}: {len(data) - pos} unexpected bytes after the last stream")
     return proto
+
+
+def _tensors_at(proto: onnx.ModelProto, indices: list[int], where: str) -> dict[int, onnx.TensorProto]:
+    """The tensors at these walk positions, each listed once. The walk stops at the highest: most
+    packed tensors are initializers, so a large graph's node attributes are rarely visited."""
+    wanted = set(indices)
+    if len(wanted) != len(indices):
+        raise InputError(f"{where}: a tensor is listed in two streams")
+    found = {}
+    if wanted:
+        last = max(wanted)
+        for i, tensor in enumerate(all_tensors(proto)):
+            if i in wanted:
+                found[i] = tensor
+            if i >= last:
+                break
+    if len(found) != len(wanted):
+        raise InputError(f"{where}: a stream names tensor #{min(wanted - set(found))}, which the model lacks")
+    return found
 
 
 def _xz_size(blob: memoryview, where: str, cap: int = 1 << 20) -> int:

@@ -147,9 +147,47 @@ def test_every_dtype_field_subgraph_and_sparse_tensor_round_trips_exactly(tmp_pa
 
 
 def test_pruned_float_tensor_is_coded_sparse():
-    _, stats = container.pack_proto(_every_dtype_model(), "auto")
-    assert stats["per_tensor"]["pruned"]["choice"].startswith("sparse")
-    assert stats["per_tensor"]["pruned"]["coded"] < 0.5 * stats["per_tensor"]["pruned"]["bytes"]
+    model = _every_dtype_model()
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal((64, 256)).astype(np.float32)  # large enough to be coded on its own
+    big[rng.random(big.shape) < 0.8] = 0
+    model.graph.initializer.append(onnx.numpy_helper.from_array(big, "big_pruned"))
+    data, stats = container.pack_proto(model, "auto")
+    assert stats["per_tensor"]["big_pruned"]["choice"].startswith("sparse")
+    assert stats["per_tensor"]["big_pruned"]["coded"] < 0.5 * stats["per_tensor"]["big_pruned"]["bytes"]
+    assert container.unpack_bytes(data).SerializeToString() == model.SerializeToString()
+
+
+def test_small_tensors_are_coded_in_bundles_and_come_back_exactly():
+    """Hundreds of small tensors (a CNN's biases and scales) go into one stream per layout: fewer
+    streams than tensors, and a file no larger than coding each alone (the bundle's rows share
+    the model's tables)."""
+    rng = np.random.default_rng(2)
+    inits = [onnx.numpy_helper.from_array((rng.standard_normal(64 + i) * (i + 1)).astype(np.float32), f"b{i}")
+             for i in range(150)]
+    inits += [onnx.numpy_helper.from_array(rng.integers(-40, 40, (16, 9)).astype(np.int8), f"w{i}")
+              for i in range(150)]
+    graph = helper.make_graph([], "g", [], [], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    data, stats = container.pack_proto(model, "auto")
+    assert stats["tensors"] == 300 and stats["streams"] == 2
+    assert all(c.startswith("bundle:") for c in stats["choices"])
+    assert container.unpack_bytes(data).SerializeToString() == model.SerializeToString()
+    alone = container.BUNDLE_MAX
+    try:
+        container.BUNDLE_MAX = 0  # every tensor in its own stream, as format version 1 did
+        separate, stats_alone = container.pack_proto(model, "auto")
+    finally:
+        container.BUNDLE_MAX = alone
+    assert stats_alone["streams"] == 300
+    assert len(data) < len(separate)
+
+
+def test_version_1_files_still_unpack():
+    """A file written by the version 1 packer (one stream per tensor), kept as a fixture."""
+    data = (Path(__file__).parent / "fixtures" / "every_dtype_v1.onnxc").read_bytes()
+    assert struct.unpack("<H", data[8:10])[0] == 1
+    assert container.unpack_bytes(data).SerializeToString() == _every_dtype_model().SerializeToString()
 
 
 def test_unknown_coder_is_refused(mnist_path, tmp_path):
@@ -207,3 +245,23 @@ def test_reader_caps_the_decoded_size(packed_mnist):
 def test_loading_a_missing_packed_file_is_one_line_error(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         onnxcomp.load(tmp_path / "absent.onnxc")
+
+
+def _bundle_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(100).astype(np.float32), f"f{i}") for i in range(3)]
+    inits.append(onnx.numpy_helper.from_array(rng.integers(-9, 9, 400).astype(np.int8), "q"))
+    return helper.make_model(helper.make_graph([], "g", [], [], inits), opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("bundles, message", [
+    ([[0, 1, 1]], "listed in two streams"),          # a tensor in a bundle twice
+    ([[0, 3]], "mixes tensors of different layouts"),  # a float32 and an int8 tensor in one bundle
+])
+def test_reader_refuses_inconsistent_bundles(monkeypatch, bundles, message):
+    """A writer (ours, bent here) that lists a tensor twice or bundles unlike tensors gets one
+    clean error from the reader, not a model with doubled or misread weights."""
+    monkeypatch.setattr(container, "_bundles", lambda sizes: ([i for i in sizes if i not in sum(bundles, [])],
+                                                              bundles))
+    data, _ = container.pack_proto(_bundle_model(), "zstd")
+    assert message in _error(data)

@@ -31,6 +31,13 @@ PLANE_METHODS = {
 ZSTD_BIG = 256 << 10  # above this many bytes zstd uses a faster level (19 runs at ~5 MB/s; on weights the higher level gains little)
 XZ_DICT = 1 << 20  # the dictionary (not the data) caps what xz allocates
 XZ_MAX = 1 << 16    # xz is slow to encode and decodes at ~25 MB/s: tried on small tensors only
+XZ_MARGIN = float(__import__("os").environ.get("XZ_MARGIN", "0.03"))  # xz must be this much smaller to be chosen (it decodes ~15x slower than rANS)
+
+
+def weighed(method: int, nbytes: int) -> float:
+    """The size a candidate is compared by: xz's is raised by XZ_MARGIN, so that it is chosen only
+    where it saves enough to pay for its slow decoding."""
+    return nbytes * (1 + XZ_MARGIN) if method == XZ else nbytes
 
 
 def _xz_dict(n: int) -> int:
@@ -127,7 +134,7 @@ def encode_plane(plane: np.ndarray, lengths: np.ndarray, methods, shared: np.nda
 
     def offer(method, payload):
         nonlocal best
-        if len(payload) < len(best[1]):
+        if weighed(method, len(payload)) < weighed(*best[0:1], len(best[1])):
             best = (method, payload)
 
     if FRANS in methods and models.entropy_bits(hist) / 8 < n:
@@ -214,7 +221,7 @@ def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
     if coder in ("zstd", "auto") and raw:
         candidates.append((bytes([0, ZSTD]) + zstd_compress(raw), "zstd"))
     if coder == "auto" and raw and len(raw) <= XZ_MAX:
-        candidates.append((bytes([0, XZ]) + xz_compress(raw), "xz"))
+        candidates.append((bytes([0, XZ]) + xz_compress(raw), "xz"))  # weighed below
     if coder in PLANE_METHODS and raw:
         methods = PLANE_METHODS[coder]
         for v in P.variants(values, kind, itemsize, shape):
@@ -235,7 +242,7 @@ def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
                 w.u8(m)
                 w.blob(payload)
             candidates.append((w.getvalue(), describe(1, chosen, v.sparse)))
-    return min(candidates, key=lambda c: len(c[0]))
+    return min(candidates, key=lambda c: weighed(XZ if c[1] == "xz" else RAW, len(c[0])))
 
 
 def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared: np.ndarray,
