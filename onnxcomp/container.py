@@ -57,6 +57,7 @@ MAX_DECODED = int(os.environ.get("ONNXCOMP_MAX_DECODED", 64 << 30))  # refuse fi
 T = onnx.TensorProto
 FIELDS = {1: ("raw_data", None), 2: ("float_data", np.float32), 3: ("int32_data", np.int32),
           4: ("int64_data", np.int64), 5: ("double_data", np.float64), 6: ("uint64_data", np.uint64)}
+PACKED_FIXED = {2: (4, "<f4"), 5: (10, "<f8")}  # field -> (TensorProto field number, wire dtype)
 STORAGE = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.int32, 5: np.int64,
            6: np.float32, 7: np.float64, 8: np.uint64, 9: np.uint32}
 STORAGE_CODE = {np.dtype(v): k for k, v in STORAGE.items()}
@@ -546,6 +547,16 @@ def _fill(tensor: onnx.TensorProto, field: int, values: np.ndarray) -> None:
     name, dtype = FIELDS[field]
     if field == 1:
         tensor.raw_data = values.tobytes()
+    elif field in PACKED_FIXED:
+        # float_data and double_data are packed fixed-width fields: their wire form is the
+        # little-endian values themselves, so merging it is a copy (extend() converts every value
+        # to a Python float and back, ~15x slower, and may quiet a signalling NaN).
+        number, wire = PACKED_FIXED[field]
+        payload = values.astype(wire, copy=False).tobytes()
+        w = Writer()
+        w.varint(number << 3 | 2)
+        w.blob(payload)
+        tensor.MergeFromString(w.getvalue())
     else:
         getattr(tensor, name).extend(values.astype(dtype).tolist())
 

@@ -9,6 +9,8 @@ into place only when complete, so no half-written output is ever left behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import shutil
 import tempfile
@@ -404,16 +406,24 @@ def _attach_external_values(model: Model, proto: onnx.ModelProto, deferred: dict
             del tensor.external_data[:]
 
 
-def _declared_nbytes(tensor: onnx.TensorProto) -> int | None:
+@functools.lru_cache(maxsize=None)
+def _itemsize(data_type: int) -> int | None:
+    """Bytes per element of an ONNX data type; None for strings and unknown types."""
     try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
     except (KeyError, TypeError, ValueError):
         return None
-    if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+    return None if data_type == onnx.TensorProto.STRING or itemsize == 0 else itemsize
+
+
+def _declared_nbytes(tensor: onnx.TensorProto) -> int | None:
+    itemsize = _itemsize(tensor.data_type)
+    if itemsize is None:
         return None
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
-    return (count * bits + 7) // 8 if bits else count * itemsize
+    count = math.prod(tensor.dims)  # Python ints: hostile dims cannot overflow into a small size
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count * 4 + 7) // 8
+    return count * itemsize
 
 
 # ---- saving ---------------------------------------------------------------------------

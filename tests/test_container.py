@@ -265,3 +265,17 @@ def test_reader_refuses_inconsistent_bundles(monkeypatch, bundles, message):
                                                               bundles))
     data, _ = container.pack_proto(_bundle_model(), "zstd")
     assert message in _error(data)
+
+
+def test_typed_float_fields_keep_every_bit_pattern():
+    """float_data refilled from the decoded bytes keeps a signalling NaN, -0.0 and subnormals as
+    they were (a round trip through Python floats would quiet the NaN)."""
+    bits = np.array([0x7F800001, 0xFFC00123, 0x80000000, 0x00000001, 0x3F800000] * 40, np.uint32)
+    tensor = TensorProto(name="typed_bits", data_type=TensorProto.FLOAT, dims=[bits.size])
+    payload = bits.astype("<u4").tobytes()
+    tensor.MergeFromString(bytes([4 << 3 | 2]) + bytes([len(payload) & 0x7F | 0x80, len(payload) >> 7]) + payload)
+    model = helper.make_model(helper.make_graph([], "g", [], [], [tensor]),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    data, _ = container.pack_proto(model, "auto")
+    back = container.unpack_bytes(data).graph.initializer[0]
+    assert back.SerializeToString() == tensor.SerializeToString()

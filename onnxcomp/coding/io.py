@@ -11,6 +11,9 @@ import struct
 from onnxcomp.errors import InputError
 
 
+U32, U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+
 class CorruptStream(InputError):
     """A coded stream or the container header is malformed."""
 
@@ -53,6 +56,8 @@ class Writer:
 
 
 class Reader:
+    # Headers list every tensor, so these reads run thousands of times per file: they index the
+    # buffer directly instead of slicing it.
     def __init__(self, data: bytes | memoryview, where: str = "stream") -> None:
         self.data = memoryview(data)
         self.pos = 0
@@ -72,22 +77,38 @@ class Reader:
         return out
 
     def u8(self) -> int:
-        return self.raw(1)[0]
+        pos = self.pos
+        if pos >= len(self.data):
+            raise self.fail(f"truncated (needs 1 byte at offset {pos}, 0 left)")
+        self.pos = pos + 1
+        return self.data[pos]
+
+    def _unpack(self, fmt: struct.Struct) -> int:
+        if fmt.size > len(self.data) - self.pos:
+            raise self.fail(f"truncated (needs {fmt.size} bytes at offset {self.pos}, {self.left()} left)")
+        value = fmt.unpack_from(self.data, self.pos)[0]
+        self.pos += fmt.size
+        return value
 
     def u32(self) -> int:
-        return struct.unpack("<I", self.raw(4))[0]
+        return self._unpack(U32)
 
     def u64(self) -> int:
-        return struct.unpack("<Q", self.raw(8))[0]
+        return self._unpack(U64)
 
     def varint(self, limit: int = 1 << 62) -> int:
+        data, pos = self.data, self.pos
         value = shift = 0
         for _ in range(10):
-            byte = self.u8()
+            if pos >= len(data):
+                raise self.fail(f"truncated (a varint runs past the end at offset {pos})")
+            byte = data[pos]
+            pos += 1
             value |= (byte & 0x7F) << shift
             if not byte & 0x80:
                 if value > limit:
                     raise self.fail(f"value {value} exceeds its limit {limit}")
+                self.pos = pos
                 return value
             shift += 7
         raise self.fail("varint longer than 10 bytes")

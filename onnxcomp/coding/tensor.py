@@ -11,6 +11,8 @@ Stream:  u8 form (0 whole, 1 planes)
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from onnxcomp.coding import models, planes as P
@@ -31,7 +33,7 @@ PLANE_METHODS = {
 ZSTD_BIG = 256 << 10  # above this many bytes zstd uses a faster level (19 runs at ~5 MB/s; on weights the higher level gains little)
 XZ_DICT = 1 << 20  # the dictionary (not the data) caps what xz allocates
 XZ_MAX = 1 << 16    # xz is slow to encode and decodes at ~25 MB/s: tried on small tensors only
-XZ_MARGIN = float(__import__("os").environ.get("XZ_MARGIN", "0.03"))  # xz must be this much smaller to be chosen (it decodes ~15x slower than rANS)
+XZ_MARGIN = 0.03  # xz must be this much smaller to be chosen (it decodes ~15x slower than rANS)
 
 
 def weighed(method: int, nbytes: int) -> float:
@@ -74,6 +76,19 @@ def zstd_compress(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
 
+_local = threading.local()
+
+
+def _zstd_decompressor():
+    """This thread's decompressor: making one costs more than decoding a small plane, and one
+    must not be shared between threads."""
+    import zstandard
+
+    if not hasattr(_local, "zstd"):
+        _local.zstd = zstandard.ZstdDecompressor()
+    return _local.zstd
+
+
 def zstd_decompress(data: bytes | memoryview, n: int, where: str) -> bytes:
     import zstandard
 
@@ -82,7 +97,7 @@ def zstd_decompress(data: bytes | memoryview, n: int, where: str) -> bytes:
         size = zstandard.frame_content_size(data)
         if size != n:
             raise CorruptStream(f"{where}: zstd frame holds {size} bytes, expected {n}")
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=n)
+        out = _zstd_decompressor().decompress(data, max_output_size=n)
     except zstandard.ZstdError as exc:
         raise CorruptStream(f"{where}: zstd data cannot be decoded ({exc})") from exc
     if len(out) != n:
