@@ -137,7 +137,9 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
               *(int(r[k]) for k in CONTEXTS),
               f"{min(r[k] for k in CONTEXTS) / min(r['zstd19'], r['xz9e']) - 1:+.1%}"] for r in rows]
     md = ("# entropy_bound: what context models could save on int8 weights\n\n" + __doc__.split("\n\n", 1)[1]
-          + "\nAll figures in bytes, for the int8 weight tensors (rank >= 2) only.\n\n" + md_table(headers, table))
+          + "\nAll figures in bytes, for the int8 weight tensors (rank >= 2) only. Tensors under 16 KB are "
+             "packed in bundles of several tensors; `packed (ours)` counts each its share of its bundle "
+             "(in proportion to its size).\n\n" + md_table(headers, table))
     write_results("entropy_bound", {"rows": rows, "quick": quick}, md)
     print(md)
     return 0
