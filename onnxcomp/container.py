@@ -52,6 +52,8 @@ READS = (1, 2)
 MIN_PACKED_BYTES = 64            # smaller payloads stay in the protobuf
 BUNDLE_MAX = 16 << 10            # tensors under this many bytes are coded in bundles
 BUNDLE_CAP = 16 << 20            # ... of at most this many bytes each
+TABLES_CAP = 64 * (3 + 2 * 256) + 16  # the largest shared tables section (64 tables)
+SECTION_BROTLI_MAX = 1 << 20
 BUNDLE_ROW = 64                  # a bundle's rows (one symbol table each) hold this many elements
 MAX_DECODED = int(os.environ.get("ONNXCOMP_MAX_DECODED", 64 << 30))  # refuse files declaring more
 T = onnx.TensorProto
@@ -300,13 +302,13 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
                     del tensor.external_data[:]
         encode_s = time.perf_counter() - t0
         skel_raw = skeleton.SerializeToString()
-        options = [(0, skel_raw), (1, coding.tensor.zstd_compress(skel_raw)),
-                   (2, lzma.compress(skel_raw, preset=9 | lzma.PRESET_EXTREME))]
-        skel_method, skel = min(options, key=lambda o: coding.tensor.weighed(coding.tensor.XZ if o[0] == 2 else 0,
-                                                                            len(o[1])))
+        skel_method, skel = _compress_section(skel_raw)
+        if not any("rans*" in s.choice for s in streams):  # no stream codes with them: not stored
+            shared = shared[:0]
         tables_raw = shared_tables.write(shared)
-        tables_xz = coding.tensor.xz_compress(tables_raw)
-        tables_blob = b"\1" + tables_xz if len(tables_xz) < len(tables_raw) else b"\0" + tables_raw
+        tables_method, tables = _compress_section(tables_raw, (0, 2, 3), xz=coding.tensor.xz_compress)
+        # the tables section's own ids: 0 raw, 1 xz (raw LZMA2), 3 brotli
+        tables_blob = bytes([{0: 0, 2: 1, 3: 3}[tables_method]]) + tables
         total = sum(m.decoded for s in streams for m in s.members)
         h = Writer()
         h.u8(skel_method)
@@ -433,10 +435,15 @@ def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int,
     skel_bytes = _decompress_skeleton(skel_method, skel, skel_raw_len, where)
     tables_blob = _section(data, pos, tables_len, tables_crc, "shared tables", where)
     pos += tables_len
-    if not len(tables_blob) or tables_blob[0] > 1:
+    if not len(tables_blob) or tables_blob[0] not in (0, 1, 3):
         raise InputError(f"{where}: bad shared tables section")
-    tables_raw = tables_blob[1:] if tables_blob[0] == 0 else \
-        coding.tensor.xz_decompress(tables_blob[1:], _xz_size(tables_blob[1:], where), f"{where}: shared tables")
+    if tables_blob[0] == 0:
+        tables_raw = tables_blob[1:]
+    elif tables_blob[0] == 1:
+        tables_raw = coding.tensor.xz_decompress(tables_blob[1:], _xz_size(tables_blob[1:], where),
+                                                 f"{where}: shared tables")
+    else:
+        tables_raw = coding.tensor.brotli_decompress(tables_blob[1:], TABLES_CAP, f"{where}: shared tables", exact=False)
     shared = shared_tables.read(tables_raw)
     proto = parse_model_bytes(skel_bytes, where)
     if sum(m.decoded for s in streams for m in s.members) != total:
@@ -514,6 +521,16 @@ def _xz_size(blob: memoryview, where: str, cap: int = 1 << 20) -> int:
     return len(out)
 
 
+def _compress_section(data: bytes, methods=(0, 1, 2, 3), xz=None) -> tuple[int, bytes]:
+    """(method, bytes) of the smallest of raw (0), zstd (1), xz (2, the .xz format unless `xz` is
+    given) and brotli (3) for the skeleton or the tables; xz is weighed by its slow decoding as for
+    tensors, brotli (slow to encode) is tried up to SECTION_BROTLI_MAX bytes."""
+    coders = {0: bytes, 1: coding.tensor.zstd_compress,
+              2: xz or (lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME)), 3: coding.tensor.brotli_compress}
+    options = [(m, coders[m](data)) for m in methods if m != 3 or len(data) <= SECTION_BROTLI_MAX]
+    return min(options, key=lambda o: coding.tensor.weighed(coding.tensor.XZ if o[0] == 2 else 0, len(o[1])))
+
+
 def _decompress_skeleton(method: int, skel: memoryview, n: int, where: str) -> bytes:
     if method == 0:
         out = bytes(skel)
@@ -525,6 +542,8 @@ def _decompress_skeleton(method: int, skel: memoryview, n: int, where: str) -> b
             out = d.decompress(bytes(skel), max_length=n + 1)
         except lzma.LZMAError as exc:
             raise InputError(f"{where}: model skeleton cannot be decoded ({exc})") from None
+    elif method == 3:
+        out = coding.tensor.brotli_decompress(skel, n, f"{where}: model skeleton")
     else:
         raise InputError(f"{where}: unknown skeleton method {method}")
     if len(out) != n:

@@ -174,3 +174,32 @@ def test_mutated_tensor_streams_decode_or_fail_with_input_error_only():
                     assert len(out) == u.nbytes
                 except InputError as exc:
                     assert "\n" not in str(exc)
+
+
+def test_brotli_streams_are_decoded_within_their_declared_size():
+    """A tiny brotli stream can expand to gigabytes: the decoder stops at the declared size and
+    says so in one line, and garbage is one line too."""
+    from onnxcomp.coding.tensor import brotli_compress, brotli_decompress
+
+    data = bytes(range(256)) * 40
+    assert brotli_decompress(brotli_compress(data), len(data), "t") == data
+    bomb = brotli_compress(b"\0" * (64 << 20))  # 64 MB of zeros in a few bytes
+    assert len(bomb) < 1000
+    with pytest.raises(CorruptStream, match="does not decode to 4096 bytes"):
+        brotli_decompress(bomb, 4096, "t")
+    with pytest.raises(CorruptStream, match="does not decode to 1000 bytes"):
+        brotli_decompress(brotli_compress(data), 1000, "t")
+    with pytest.raises(CorruptStream, match="cannot be decoded|does not decode"):
+        brotli_decompress(b"\xff" * 50, 100, "t")
+
+
+def test_auto_takes_brotli_where_it_is_smallest_and_it_decodes():
+    # text-like bytes (a uint8 tensor holding a vocabulary, say): brotli's context modelling and
+    # dictionary beat xz, zstd and per-byte tables
+    text = " ".join(f"the {w} of layer {i % 7} is {i * 37 % 101}"
+                    for i, w in enumerate(["weight", "bias", "scale", "offset"] * 60)).encode()
+    values = np.frombuffer(text, np.uint8)
+    stream, choice = coding.encode_tensor(values, "b", 1, (values.size,), "auto")
+    assert choice == "brotli"
+    assert len(stream) < 0.85 * len(coding.encode_tensor(values, "b", 1, (values.size,), "zstd")[0])
+    assert coding.decode_tensor(stream, "b", 1, values.size, np.zeros((0, 256), np.int64), "t") == text

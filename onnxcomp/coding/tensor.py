@@ -21,9 +21,9 @@ from onnxcomp.coding.tables import UNCODABLE, row_costs
 
 # RANS and SHARED are constriction's rANS (still decoded, no longer written: it decodes at about
 # 40 MB/s); FRANS and FSHARED are the same tables coded by the table-driven rANS in fastrans.
-RAW, CONST, ZSTD, RANS, SHARED, HUFF, XZ, FRANS, FSHARED = range(9)
+RAW, CONST, ZSTD, RANS, SHARED, HUFF, XZ, FRANS, FSHARED, BROTLI = range(10)
 NAMES = {RAW: "raw", CONST: "const", ZSTD: "zstd", RANS: "rans-v1", SHARED: "rans*-v1", HUFF: "huffman", XZ: "xz",
-         FRANS: "rans", FSHARED: "rans*"}
+         FRANS: "rans", FSHARED: "rans*", BROTLI: "brotli"}
 CODERS = ("auto", "huffman", "rans", "zstd", "raw")
 PLANE_METHODS = {
     "auto": (CONST, RAW, ZSTD, FRANS, FSHARED),
@@ -34,6 +34,7 @@ ZSTD_BIG = 256 << 10  # above this many bytes zstd uses a faster level (19 runs 
 XZ_DICT = 1 << 20  # the dictionary (not the data) caps what xz allocates
 XZ_MAX = 1 << 16    # xz is slow to encode and decodes at ~25 MB/s: tried on small tensors only
 XZ_MARGIN = 0.03  # xz must be this much smaller to be chosen (it decodes ~15x slower than rANS)
+BROTLI_MAX = 1 << 16  # brotli at quality 11 encodes at ~0.5 MB/s: tried on small tensors only
 
 
 def weighed(method: int, nbytes: int) -> float:
@@ -66,6 +67,27 @@ def xz_decompress(data: bytes | memoryview, n: int, where: str) -> bytes:
         raise CorruptStream(f"{where}: xz data cannot be decoded ({exc})") from exc
     if len(out) != n or not d.eof:
         raise CorruptStream(f"{where}: xz data does not decode to {n} bytes")
+    return out
+
+
+def brotli_compress(data: bytes) -> bytes:
+    import brotli
+
+    return brotli.compress(data, quality=11, lgwin=max(10, min(24, (max(len(data), 1) - 1).bit_length())))
+
+
+def brotli_decompress(data: bytes | memoryview, n: int, where: str, exact: bool = True) -> bytes:
+    """Decode brotli data that must hold exactly n bytes (or, not `exact`, at most n); the output
+    buffer stops growing at n, so a hostile stream cannot make it allocate more."""
+    import brotli
+
+    try:
+        d = brotli.Decompressor()
+        out = d.process(bytes(data), output_buffer_limit=max(n, 1))
+    except brotli.error as exc:
+        raise CorruptStream(f"{where}: brotli data cannot be decoded ({exc})") from exc
+    if len(out) > n or (exact and len(out) != n) or not d.is_finished():
+        raise CorruptStream(f"{where}: brotli data does not decode to {'' if exact else 'at most '}{n} bytes")
     return out
 
 
@@ -237,6 +259,8 @@ def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
         candidates.append((bytes([0, ZSTD]) + zstd_compress(raw), "zstd"))
     if coder == "auto" and raw and len(raw) <= XZ_MAX:
         candidates.append((bytes([0, XZ]) + xz_compress(raw), "xz"))  # weighed below
+    if coder == "auto" and raw and len(raw) <= BROTLI_MAX:
+        candidates.append((bytes([0, BROTLI]) + brotli_compress(raw), "brotli"))
     if coder in PLANE_METHODS and raw:
         methods = PLANE_METHODS[coder]
         for v in P.variants(values, kind, itemsize, shape):
@@ -277,6 +301,8 @@ def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared:
             return zstd_decompress(payload, nbytes, where)
         if method == XZ:
             return xz_decompress(payload, nbytes, where)
+        if method == BROTLI:
+            return brotli_decompress(payload, nbytes, where)
         raise r.fail(f"unknown tensor method {method}")
     if form != 1:
         raise r.fail(f"unknown stream form {form}")
