@@ -102,7 +102,7 @@ def load_metric(target: str) -> Callable:
     if fn is None:
         raise InputError(f"--gate-metric {target!r}: {module_name} has no function {name}")
     if not callable(fn):
-        raise InputError(f"--gate-metric {target!r}: {name} is a {type(fn).__name__}, not a function")
+        raise InputError(f"--gate-metric {target!r}: {name} is not a function (its type: {type(fn).__name__})")
     return fn
 
 

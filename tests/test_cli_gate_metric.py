@@ -68,7 +68,7 @@ def test_batch_mode_workers_load_a_metric_from_a_file(mnist_path, evaluation, tm
     ("tests/fixtures/no_such_file.py:f", "no_such_file.py: no such file"),
     ("tests.fixtures.gate_metrics", "expected MODULE:FUNCTION or FILE.py:FUNCTION"),
     (f"{METRICS_FILE}:no_such_function", "gate_metrics has no function no_such_function"),
-    ("tests.fixtures.gate_metrics:NOT_A_FUNCTION", "NOT_A_FUNCTION is a int, not a function"),
+    ("tests.fixtures.gate_metrics:NOT_A_FUNCTION", "NOT_A_FUNCTION is not a function (its type: int)"),
     ("tests.fixtures.gate_metrics:broken_metric",
      "the gate metric broken_metric failed: ValueError: labels are missing the face boxes"),
     ("tests.fixtures.gate_metrics:nan_metric", "nan_metric returned nan; it must return a finite number"),
