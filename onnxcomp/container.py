@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import functools
 import lzma
+import math
 import os
 import shutil
 import struct
@@ -101,7 +102,7 @@ def all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def _element_count(tensor: onnx.TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    return math.prod(tensor.dims)  # Python ints: hostile dims cannot overflow into a small count
 
 
 @functools.lru_cache(maxsize=None)
