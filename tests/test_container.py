@@ -69,6 +69,27 @@ def test_session_from_packed_file_gives_identical_outputs(ultraface_path, tmp_pa
     for a, b in zip(packed.run(None, feed), plain.run(None, feed)):
         assert np.array_equal(a, b)
     assert list(tmp_path.iterdir()) == [tmp_path / "u.onnxc"]  # nothing unpacked to disk
+    # the weights went to ORT as in-memory arrays, not through the protobuf
+    assert len(packed._onnxcomp_keep[0]) > 20
+
+
+def test_session_leaves_the_callers_options_as_they_were(ultraface_path, mnist_path):
+    """With the caller's SessionOptions the weights stay in the protobuf (adding in-memory values
+    would change those options for the caller's next session, on another model)."""
+    import onnxruntime as ort
+
+    from onnxcomp.runtime import make_session
+    from onnxcomp.validate import generate_inputs
+
+    options = ort.SessionOptions()
+    packed = container.session(container.pack_proto(onnx.load(ultraface_path))[0], sess_options=options)
+    assert packed._onnxcomp_keep[0] == []
+    feed = generate_inputs(onnxcomp.load(ultraface_path), 1, seed=0)[0]
+    plain = make_session(ultraface_path, "cpu", threads=None)
+    for a, b in zip(packed.run(None, feed), plain.run(None, feed)):
+        assert np.array_equal(a, b)
+    other = ort.InferenceSession(str(mnist_path), sess_options=options, providers=["CPUExecutionProvider"])
+    assert other.get_inputs()[0].name == "Input3"
 
 
 def test_threads_unpacking_different_models_at_once_stay_exact(mnist_path, ultraface_path):
@@ -279,3 +300,21 @@ def test_typed_float_fields_keep_every_bit_pattern():
     data, _ = container.pack_proto(model, "auto")
     back = container.unpack_bytes(data).graph.initializer[0]
     assert back.SerializeToString() == tensor.SerializeToString()
+
+
+def test_session_of_a_model_past_the_protobuf_limit_takes_its_weights_in_memory(ultraface_path, monkeypatch):
+    """Over 2 GB the weights cannot go through the protobuf, so even the caller's options get
+    them as in-memory values (the limit is lowered here to reach that path on a real model)."""
+    import onnxruntime as ort
+
+    import onnxcomp.model
+    from onnxcomp.runtime import make_session
+    from onnxcomp.validate import generate_inputs
+
+    monkeypatch.setattr(onnxcomp.model, "PROTOBUF_LIMIT", 100_000)
+    packed = container.session(container.pack_proto(onnx.load(ultraface_path))[0], sess_options=ort.SessionOptions())
+    assert len(packed._onnxcomp_keep[0]) > 20
+    feed = generate_inputs(onnxcomp.load(ultraface_path), 1, seed=0)[0]
+    plain = make_session(ultraface_path, "cpu", threads=None)
+    for a, b in zip(packed.run(None, feed), plain.run(None, feed)):
+        assert np.array_equal(a, b)
