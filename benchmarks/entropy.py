@@ -64,9 +64,7 @@ def first_inference_ms(plain: Path, packed: Path, feed, rounds: int) -> dict[str
         s.run(None, {k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}})
 
     def run_packed():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        s = container.session(packed, sess_options=options)
+        s = container.session(packed, threads=1)
         s.run(None, {k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}})
 
     times = {"plain": [], "packed": []}

@@ -664,12 +664,13 @@ def unpack(in_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     return save(read_packed_proto(in_path), out_path, source=in_path)
 
 
-def session(path_or_bytes, providers=("cpu",), sess_options=None):
+def session(path_or_bytes, providers=("cpu",), sess_options=None, threads: int | None = None):
     """An onnxruntime.InferenceSession for a packed model, built from memory (nothing unpacked
     is written to disk). The large initializers go to ORT as in-memory values, decoded straight
     into numpy arrays: the model protobuf ORT parses then holds only the graph (MiniLM fp32 is
     ready in about 0.38 s instead of 0.53 s), and models over 2 GB need it. With the caller's own
-    `sess_options` that is done only over 2 GB, since it adds the values to those options."""
+    `sess_options` that is done only over 2 GB, since it adds the values to those options.
+    `threads`: intra-op threads of the options made here (ORT's default: every core)."""
     import onnxruntime as ort
 
     from onnxcomp.model import PROTOBUF_LIMIT, _initializer_bytes
@@ -685,7 +686,11 @@ def session(path_or_bytes, providers=("cpu",), sess_options=None):
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p.strip()]
     names = [provider_name(p) for p in providers]
-    options = sess_options or ort.SessionOptions()
+    options = sess_options
+    if options is None:
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
     keep = []
     if arrays:
         for tensor in proto.graph.initializer:  # ORT replaces these external tensors by the values

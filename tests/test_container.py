@@ -63,7 +63,8 @@ def test_session_from_packed_file_gives_identical_outputs(ultraface_path, tmp_pa
     from onnxcomp.validate import generate_inputs
 
     container.pack(ultraface_path, tmp_path / "u.onnxc")
-    packed = onnxcomp.container.session(tmp_path / "u.onnxc", providers=("cpu",))
+    packed = onnxcomp.container.session(tmp_path / "u.onnxc", providers=("cpu",), threads=1)
+    assert packed.get_session_options().intra_op_num_threads == 1
     plain = make_session(ultraface_path, "cpu", threads=None)
     feed = generate_inputs(onnxcomp.load(ultraface_path), 1, seed=0)[0]
     for a, b in zip(packed.run(None, feed), plain.run(None, feed)):
