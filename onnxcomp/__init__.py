@@ -18,11 +18,11 @@ from onnxcomp.report import Report
 from onnxcomp.validate import ValidationReport, generate_inputs, validate
 
 
-def session(packed, providers=("cpu",), sess_options=None):
+def session(packed, providers=("cpu",), sess_options=None, threads=None):
     """An ORT InferenceSession straight from a packed .onnxc file or its bytes (nothing unpacked to disk)."""
     from onnxcomp.container import session as packed_session
 
-    return packed_session(packed, providers=providers, sess_options=sess_options)
+    return packed_session(packed, providers=providers, sess_options=sess_options, threads=threads)
 
 
 def export(module, example_inputs, path=None, **options):
