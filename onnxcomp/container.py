@@ -259,6 +259,10 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
             sizes[i] = (found[1].nbytes, coding.layout(tensors[i].data_type, found[1].dtype))
     alone, bundles = _bundles(sizes)
 
+    def member_of(index, fid, values, unsigned) -> _Member:
+        return _Member(index, fid, STORAGE_CODE[np.dtype(values.dtype).newbyteorder("=")], unsigned.nbytes,
+                       zlib.crc32(unsigned), tensors[index].name)
+
     def bundled(indices: list[int]):
         """The bundle's values, padded with zeros to whole rows of BUNDLE_ROW elements, its
         (rows, BUNDLE_ROW) shape, and its members."""
@@ -266,15 +270,11 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
         for index in indices:
             fid, values, kind, itemsize, unsigned, _ = prepared(index)
             parts.append(unsigned)
-            members.append(_member(index, fid, values, unsigned))
+            members.append(member_of(index, fid, values, unsigned))
         n = sum(p.size for p in parts)
         pad = -n % BUNDLE_ROW
         values = np.concatenate(parts + [np.zeros(pad, parts[0].dtype)])
         return values, kind, itemsize, (values.size // BUNDLE_ROW, BUNDLE_ROW), members, pad
-
-    def _member(index, fid, values, unsigned):
-        return _Member(index, fid, STORAGE_CODE[np.dtype(values.dtype).newbyteorder("=")], unsigned.nbytes,
-                       zlib.crc32(unsigned), tensors[index].name)
 
     def items():
         """(values, kind, itemsize, shape) of each stream as it will be coded, for fit_shared."""
@@ -294,7 +294,7 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
 
         for index in alone:
             fid, values, kind, itemsize, unsigned, shape = prepared(index)
-            code(unsigned, kind, itemsize, shape, [_member(index, fid, values, unsigned)], 0)
+            code(unsigned, kind, itemsize, shape, [member_of(index, fid, values, unsigned)], 0)
             del values, unsigned
         for indices in bundles:
             code(*bundled(indices))
