@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -77,6 +77,23 @@ GATE_METRIC_HELP = ("Gate: the task metric --max-drop holds, MODULE:FUNCTION or 
                     "{output name: numpy array} per evaluation sample, labels the evaluation data's `labels` "
                     "array, flattened (None without). Drop in points = 100 x (value on the input - value on the result).")
 
+# Options that `optimize` and `registry optimize` share, declared once so the two cannot drift apart.
+PipelineOpt = Annotated[Optional[str], typer.Option("--pipeline", "-p", help="Pipeline spec text or a .yaml/.json file.")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="A named pipeline (see `onnxcomp passes --presets`).")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Calibration data: .npz or an image folder.")]
+PreprocessOpt = Annotated[Optional[str], typer.Option("--preprocess",
+                                                      help="For image folders, e.g. size=320x240,mean=127,std=128.")]
+ProvidersOpt = Annotated[str, typer.Option("--providers", help="Execution providers to validate on, e.g. cpu,cuda.")]
+DimOpt = Annotated[list[str], typer.Option("--dim", help=DIM_HELP)]
+AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Gate: max absolute output error vs the input model.")]
+RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance for lossy passes.")]
+MinCosineOpt = Annotated[Optional[float], typer.Option("--min-cosine", help="Gate: minimum output cosine vs the input model.")]
+MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Gate: max task-metric drop in points "
+                                                                        "(needs labels or --gate-metric).")]
+GateMetricOpt = Annotated[Optional[str], typer.Option("--gate-metric", help=GATE_METRIC_HELP)]
+BudgetOpt = Annotated[int, typer.Option("--budget", help="Gate: how many back-offs to try before giving up.")]
+
+
 
 def _gate(max_drop: float | None, min_cosine: float | None, atol: float | None, budget: int,
           gate_metric: str | None):
@@ -127,22 +144,21 @@ def optimize(
                                              "run in batch mode."),
     output: Path = typer.Option(..., "-o", "--output",
                                 help="Output .onnx (or .onnxc for a packed file); in batch mode the output folder."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Pipeline spec text or a .yaml/.json file."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A named pipeline (see `onnxcomp passes --presets`)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data: .npz or an image folder."),
+    pipeline: PipelineOpt = None,
+    preset: PresetOpt = None,
+    calibration: CalibrationOpt = None,
     evaluation: Optional[Path] = typer.Option(None, "--evaluation", help="Held-out data to validate on (.npz or images)."),
-    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="For image folders, e.g. size=320x240,mean=127,std=128."),
+    preprocess: PreprocessOpt = None,
     verify_each: bool = typer.Option(False, "--verify-each", help="Validate after every pass; roll a failing pass back."),
     on_failure: str = typer.Option("stop", "--on-failure", help="After a pass fails verification: stop or continue."),
-    providers: str = typer.Option("cpu", "--providers", help="Execution providers to validate on, e.g. cpu,cuda."),
-    dim: list[str] = typer.Option([], "--dim", help=DIM_HELP),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Gate: max absolute output error vs the input model."),
-    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance for lossy passes."),
-    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum output cosine vs the input model."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: max task-metric drop in points "
-                                                                     "(needs labels or --gate-metric)."),
-    gate_metric: Optional[str] = typer.Option(None, "--gate-metric", help=GATE_METRIC_HELP),
-    budget: int = typer.Option(6, "--budget", help="Gate: how many back-offs to try before giving up."),
+    providers: ProvidersOpt = "cpu",
+    dim: DimOpt = [],
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    min_cosine: MinCosineOpt = None,
+    max_drop: MaxDropOpt = None,
+    gate_metric: GateMetricOpt = None,
+    budget: BudgetOpt = 6,
     report: list[Path] = typer.Option([], "--report", help="Write the report: .html (a page with plots) or .json; repeatable."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input file (only once complete)."),
@@ -501,20 +517,19 @@ def registry_optimize(
                                                help="MLflow tracking URI (default: sqlite:///./mlruns.db, no server)."),
     target_name: Optional[str] = typer.Option(None, "--target-name", help="Register under this name (default: --model)."),
     experiment: str = typer.Option("onnxcomp", "--experiment", help="Experiment to log the run in."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Pipeline spec text or a .yaml/.json file."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A named pipeline (see `onnxcomp passes --presets`)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data: .npz or an image folder."),
+    pipeline: PipelineOpt = None,
+    preset: PresetOpt = None,
+    calibration: CalibrationOpt = None,
     evaluation: Optional[Path] = typer.Option(None, "--evaluation", help="Held-out data for the gate (.npz or images)."),
-    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="For image folders, e.g. size=320x240,mean=127,std=128."),
-    providers: str = typer.Option("cpu", "--providers", help="Execution providers to validate on, e.g. cpu,cuda."),
-    dim: list[str] = typer.Option([], "--dim", help=DIM_HELP),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Gate: max absolute output error vs the input model."),
-    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance for lossy passes."),
-    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum output cosine vs the input model."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Gate: max task-metric drop in points "
-                                                                     "(needs labels or --gate-metric)."),
-    gate_metric: Optional[str] = typer.Option(None, "--gate-metric", help=GATE_METRIC_HELP),
-    budget: int = typer.Option(6, "--budget", help="Gate: how many back-offs to try before giving up."),
+    preprocess: PreprocessOpt = None,
+    providers: ProvidersOpt = "cpu",
+    dim: DimOpt = [],
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    min_cosine: MinCosineOpt = None,
+    max_drop: MaxDropOpt = None,
+    gate_metric: GateMetricOpt = None,
+    budget: BudgetOpt = 6,
 ):
     """Compress a registered ONNX model version under the gate and register the result as a new version."""
     from onnxcomp.mlflow_registry import optimize_version, require_mlflow
