@@ -485,7 +485,7 @@ def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int,
             raise InputError(f"{name}: a bundle does not fill whole rows")
         raw = coding.decode_tensor(stream_bytes, kind, itemsize, elements, shared,
                                    f"{name} ({tensors[first.index].name})")
-        offset = 0
+        offset, raw = 0, memoryview(raw)
         for m in stream.members:
             tensor = tensors[m.index]
             part = raw[offset:offset + m.decoded]
@@ -512,6 +512,9 @@ def _tensors_at(proto: onnx.ModelProto, indices: list[int], where: str) -> dict[
     found = {}
     if wanted:
         last = max(wanted)
+        initializers = proto.graph.initializer
+        if last < len(initializers):  # the usual case: index them, no walk
+            return {i: initializers[i] for i in indices}
         for i, tensor in enumerate(all_tensors(proto)):
             if i in wanted:
                 found[i] = tensor

@@ -36,23 +36,25 @@ def normalize(counts: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def _normalize_kernel(counts):
-    """normalize() for each row of a (K, 256) array; (0, 256) when a row is negative or all zero.
+    """(freq, cum): normalize() for each row of a (K, 256) array and its cumulative frequencies;
+    (0, 256) arrays when a row is negative or all zero.
     Every symbol between the lowest and the highest present one keeps a frequency >= 1 (as in the
     stored tables, they can be coded); the rounding difference is taken from or given to the most
     frequent symbols first (a stable order, so encoder and decoder agree)."""
     freq = np.zeros(counts.shape, np.int64)
+    cum = np.zeros(counts.shape, np.int64)
     for t in range(counts.shape[0]):
         s, lo, hi = 0, -1, -1
         for i in range(256):
             c = counts[t, i]
             if c < 0:
-                return np.zeros((0, 256), np.int64)
+                return np.zeros((0, 256), np.int64), np.zeros((0, 256), np.int64)
             s += c
             if c > 0:
                 lo = i if lo < 0 else lo
                 hi = i
         if s <= 0:
-            return np.zeros((0, 256), np.int64)
+            return np.zeros((0, 256), np.int64), np.zeros((0, 256), np.int64)
         diff = TOTAL
         for i in range(256):
             f = counts[t, i] * TOTAL // s
@@ -61,7 +63,14 @@ def _normalize_kernel(counts):
             freq[t, i] = f
             diff -= f
         if diff:
-            order = np.argsort(-freq[t], kind="mergesort")
+            top = 0  # the most frequent symbol, the lowest one of a tie: the first in that order
+            for i in range(1, 256):
+                if freq[t, i] > freq[t, top]:
+                    top = i
+            if diff > 0 or freq[t, top] - 1 >= -diff:  # it alone takes the whole difference
+                freq[t, top] += diff
+                diff = 0
+            order = np.argsort(-freq[t], kind="mergesort") if diff else np.zeros(0, np.int64)
             j = 0
             while diff:
                 sym = order[j % 256]
@@ -73,32 +82,39 @@ def _normalize_kernel(counts):
                     freq[t, sym] -= take
                     diff += take
                 j += 1
-    return freq
+        for i in range(1, 256):
+            cum[t, i] = cum[t, i - 1] + freq[t, i - 1]
+    return freq, cum
+
+
+def _checked(counts: np.ndarray) -> np.ndarray:
+    counts = np.ascontiguousarray(counts, np.int64)
+    if counts.ndim != 2 or counts.shape[1] != 256:
+        raise ValueError("tables must be rows of 256 counts")
+    return counts
 
 
 def _tables(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(freq, cum) int64 arrays (tables x 256) for a (K, 256) array of counts."""
-    counts = np.ascontiguousarray(counts, np.int64)
-    if counts.ndim != 2 or counts.shape[1] != 256:
-        raise ValueError("tables must be rows of 256 counts")
-    freq = _normalize_kernel(counts)
+    counts = _checked(counts)
+    freq, cum = _normalize_kernel(counts)
     if len(freq) != len(counts):
         raise ValueError("a table needs 256 non-negative counts, not all zero")
-    cum = np.zeros_like(freq)
-    cum[:, 1:] = np.cumsum(freq, axis=1)[:, :-1]
     return freq, cum
 
 
 @numba.njit(cache=True, nogil=True)
-def _slot_symbols(freq, cum):
-    """The symbol of each slot of each table: the decoder's first lookup (indexed by the state's
-    low bits). One byte per slot keeps 64 tables in 1 MB, so a model's shared tables stay in
-    cache while rows switch between them."""
+def _decoder_kernel(counts):
+    """(slot symbols, freq, cum) for a (K, 256) array of counts, in one call (a small model pays
+    per call). The slot symbols are the decoder's first lookup (indexed by the state's low bits);
+    one byte per slot keeps 64 tables in 1 MB, so a model's shared tables stay in cache while
+    rows switch between them. All have 0 rows when a table is bad."""
+    freq, cum = _normalize_kernel(counts)
     out = np.empty((freq.shape[0], TOTAL), np.uint8)
     for t in range(freq.shape[0]):
         for s in range(256):
             out[t, cum[t, s]:cum[t, s] + freq[t, s]] = s
-    return out
+    return out, freq, cum
 
 
 @numba.njit(cache=True, nogil=True)
@@ -212,8 +228,10 @@ def _decoder_tables(tables: np.ndarray, keep: bool) -> tuple[np.ndarray, np.ndar
     cached = _shared_cache  # one read: threads decoding other models may replace it meanwhile
     if keep and cached[0] is tables:
         return cached[1]
-    freq, cum = _tables(tables)
-    decoder = (_slot_symbols(freq, cum), freq, cum)
+    counts = _checked(tables)
+    decoder = _decoder_kernel(counts)
+    if len(decoder[1]) != len(counts):
+        raise ValueError("a table needs 256 non-negative counts, not all zero")
     if keep:
         _shared_cache = (tables, decoder)
     return decoder

@@ -98,6 +98,9 @@ class Reader:
 
     def varint(self, limit: int = 1 << 62) -> int:
         data, pos = self.data, self.pos
+        if pos < len(data) and data[pos] < 0x80 and data[pos] <= limit:  # one byte: most of them
+            self.pos = pos + 1
+            return data[pos]
         value = shift = 0
         for _ in range(10):
             if pos >= len(data):

@@ -43,10 +43,12 @@ def from_planes(planes: list[np.ndarray], kind: str, itemsize: int) -> np.ndarra
     b = np.empty((n, itemsize), dtype=np.uint8)
     for j, plane in enumerate(planes):
         b[:, itemsize - 1 - j] = plane
-    u = b.view(np.dtype(UINT[itemsize]).newbyteorder("<")).reshape(-1).astype(UINT[itemsize])
-    if kind == "f":
-        bits = 8 * itemsize
-        u = (u >> UINT[itemsize](1)) | ((u & UINT[itemsize](1)) << UINT[itemsize](bits - 1))
+    u = b.view(np.dtype(UINT[itemsize]).newbyteorder("<")).reshape(-1).astype(UINT[itemsize], copy=False)
+    if kind == "f":  # in place: u is this function's own array
+        sign = u & UINT[itemsize](1)
+        sign <<= UINT[itemsize](8 * itemsize - 1)
+        u >>= UINT[itemsize](1)
+        u |= sign
     return u
 
 
@@ -59,6 +61,18 @@ def group_factor(rows: int, n: int, min_row: int = MIN_ROW) -> int:
 def grouped(per_row: np.ndarray, g: int) -> np.ndarray:
     per_row = np.asarray(per_row, dtype=np.int64)
     return np.add.reduceat(per_row, np.arange(0, len(per_row), g)) if len(per_row) else per_row
+
+
+def dense_lengths(rows: int, n: int) -> np.ndarray:
+    """Symbols per grouped row of n values in `rows` equal rows: grouped() of them, in closed
+    form (every decoded plane needs it, and a small model pays per call)."""
+    g = group_factor(rows, n)
+    full, rest = divmod(rows, g)
+    per = n // rows
+    lengths = np.full(full + bool(rest), g * per, np.int64)
+    if rest:
+        lengths[-1] = rest * per
+    return lengths
 
 
 def row_index(lengths: np.ndarray) -> np.ndarray:
@@ -107,7 +121,7 @@ def variants(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...
             continue
         v = order(values, axis, rows)
         g = group_factor(rows, n)
-        lengths = grouped(np.full(rows, n // rows), g)
+        lengths = dense_lengths(rows, n)
         out.append(Variant(axis, rows, False, to_planes(v, kind, itemsize), lengths))
         if try_sparse and kind == "f" and n >= 256:
             nzmask = v.view(UINT[itemsize]) != 0

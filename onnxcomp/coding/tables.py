@@ -99,7 +99,9 @@ def write(tables: np.ndarray) -> bytes:
 def read(data: bytes | memoryview) -> np.ndarray:
     r = Reader(data, "shared tables")
     k = r.varint(255)
-    out = np.stack([read_table(r) for _ in range(k)]) if k else np.zeros((0, 256), np.int64)
+    out = np.zeros((k, 256), np.int64)
+    for row in out:
+        read_table(r, row)
     r.done()
     return out
 

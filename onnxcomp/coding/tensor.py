@@ -223,10 +223,8 @@ def decode_plane(method: int, payload: memoryview, n: int, lengths: np.ndarray, 
         if method == FRANS:
             return fastrans.decode(rest, [n], [0], table[None], where)
         return models.rans_decode(rest, [(n, table)], where)[0]
-    if method == FSHARED:  # rows in their natural order, each with its shared table
+    if method == FSHARED:  # rows in their natural order, each with its shared table (fastrans checks the ids)
         ids = _decode_ids(Reader(r.blob(), where), len(lengths), where)
-        if len(ids) != len(lengths) or (len(ids) and ids.max() >= len(shared)):
-            raise CorruptStream(f"{where}: table ids do not match the shared tables")
         return fastrans.decode(r.raw(r.left()), lengths, ids, shared, where, shared=True)
     if method == SHARED:
         ids = _decode_ids(Reader(r.blob(), where), len(lengths), where)
@@ -321,7 +319,7 @@ def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared:
         if int(nzmask.sum()) != count:
             raise r.fail("the non-zero bitmap does not match the non-zero count")
     else:
-        lengths = P.grouped(np.full(rows, n // rows), P.group_factor(rows, n))
+        lengths = P.dense_lengths(rows, n)
     planes = [decode_plane(r.u8(), r.blob(), count, lengths, shared, where) for _ in range(itemsize)]
     r.done()
     vals = P.from_planes(planes, kind, itemsize)
