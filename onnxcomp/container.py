@@ -473,9 +473,10 @@ def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int,
             if m.decoded != expected:
                 raise InputError(f"{where}: tensor #{m.index} ({tensor.name}): stream decodes to {m.decoded} "
                                  f"bytes but its shape declares {expected}")
-            if layout not in (None, coding.layout(tensor.data_type, dtype)):
+            this = coding.layout(tensor.data_type, dtype)
+            if layout not in (None, this):
                 raise InputError(f"{name}: a bundle mixes tensors of different layouts")
-            layout = coding.layout(tensor.data_type, dtype)
+            layout = this
         kind, itemsize = layout
         stream_bytes = _section(data, pos, stream.coded, stream.coded_crc,
                                 f"stream of tensor {tensors[first.index].name!r}", where)

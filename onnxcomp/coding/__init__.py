@@ -16,6 +16,8 @@ Huffman), fastrans (the compiled rANS), tables (shared tables by clustering chan
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 
@@ -30,6 +32,7 @@ FIT_ROWS = 20000
 UNIFORM_BITS = 7.5
 
 
+@functools.lru_cache(maxsize=1024)  # asked once per tensor: a model of many small ones asks often
 def layout(data_type: int, storage: np.dtype) -> tuple[str, int]:
     """How values stored as `storage` are coded: ('f' float | 'i' int | 'b' bytes, bytes per item)."""
     storage = np.dtype(storage)

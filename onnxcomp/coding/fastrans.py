@@ -26,6 +26,7 @@ PROB_BITS = 14
 TOTAL = 1 << PROB_BITS
 LOW = 1 << 16  # states live in [LOW, 2**32)
 LANES = 4
+DECODED, CORRUPT, BAD_IDS = 0, 1, 2  # decode_kernel's answers
 
 
 def normalize(counts: np.ndarray) -> np.ndarray:
@@ -56,8 +57,16 @@ def _normalize_kernel(counts):
         if s <= 0:
             return np.zeros((0, 256), np.int64), np.zeros((0, 256), np.int64)
         diff = TOTAL
+        scale = TOTAL / s
         for i in range(256):
-            f = counts[t, i] * TOTAL // s
+            # f = c * TOTAL // s, exactly, without a division per symbol (integer division is
+            # most of this loop's time): the float product is off by at most one.
+            c = counts[t, i]
+            f = np.int64(c * scale)
+            if f * s > c * TOTAL:
+                f -= 1
+            elif (f + 1) * s <= c * TOTAL:
+                f += 1
             if f == 0 and lo <= i <= hi:
                 f = 1
             freq[t, i] = f
@@ -161,6 +170,8 @@ def decode_one(x, words, p, symbols, freq, cum):
 
 @numba.njit(cache=True, nogil=True)
 def decode_kernel(words, nwords, group_sizes, group_tables, slot_symbols, freqs, cums, out):
+    # Returns DECODED, CORRUPT or BAD_IDS (a group's table id or size out of range; checked
+    # here, where it costs nothing, rather than by numpy calls per plane).
     # `words` is padded with zeros past `nwords` by one word per symbol, so reading never runs
     # past the array even on corrupt data (at most one word is read per symbol); the stream is
     # valid only if exactly `nwords` were read and the states end where the encoder began.
@@ -173,6 +184,8 @@ def decode_kernel(words, nwords, group_sizes, group_tables, slot_symbols, freqs,
     i = 0
     for g in range(group_sizes.size):
         t = group_tables[g]
+        if t < 0 or t >= slot_symbols.shape[0] or group_sizes[g] < 0:
+            return BAD_IDS
         sy, fr, cu = slot_symbols[t], freqs[t], cums[t]
         end = i + group_sizes[g]
         while i < end and i & 3:  # finish the round of lanes the previous group began
@@ -198,7 +211,7 @@ def decode_kernel(words, nwords, group_sizes, group_tables, slot_symbols, freqs,
         if i < end:
             x2, p, out[i] = decode_one(x2, words, p, sy, fr, cu)
             i += 1
-    return p == nwords and x0 == LOW and x1 == LOW and x2 == LOW and x3 == LOW
+    return DECODED if p == nwords and x0 == LOW and x1 == LOW and x2 == LOW and x3 == LOW else CORRUPT
 
 
 def encode(symbols: np.ndarray, sizes: np.ndarray, table_ids: np.ndarray, tables: np.ndarray) -> bytes:
@@ -251,7 +264,7 @@ def decode(data: bytes | memoryview, sizes: np.ndarray, table_ids: np.ndarray, t
     nwords = len(data) // 2
     if len(data) % 2 or nwords > total + 2 * LANES + 8 or nwords < 2 * LANES:
         raise CorruptStream(f"{where}: rANS stream length does not fit {total} symbols")
-    if len(sizes) != len(table_ids) or table_ids.min() < 0 or table_ids.max() >= len(tables):
+    if len(sizes) != len(table_ids):
         raise CorruptStream(f"{where}: table ids do not match the tables")
     try:
         decoder = _decoder_tables(tables, shared)
@@ -260,6 +273,9 @@ def decode(data: bytes | memoryview, sizes: np.ndarray, table_ids: np.ndarray, t
     words = np.zeros(nwords + total + 1, np.uint16)  # the zero padding keeps reads in bounds (see kernel)
     words[:nwords] = np.frombuffer(data, dtype="<u2")
     out = np.empty(total, np.uint8)
-    if not decode_kernel(words, nwords, sizes, table_ids, *decoder, out):
+    status = decode_kernel(words, nwords, sizes, table_ids, *decoder, out)
+    if status == BAD_IDS:
+        raise CorruptStream(f"{where}: table ids do not match the tables")
+    if status != DECODED:
         raise CorruptStream(f"{where}: rANS data is corrupt (it does not decode to {total} symbols)")
     return out

@@ -47,15 +47,16 @@ def write_table(w: Writer, counts: np.ndarray) -> None:
 
 
 def read_table(r: Reader, counts: np.ndarray | None = None) -> np.ndarray:
-    """The next table's 256 counts, into `counts` (zeros) when given."""
-    lo, hi, wide = r.u8(), r.u8(), r.u8()
+    """The next table's 256 counts. Into `counts` (zeros) when given, and then the caller checks
+    that it has a symbol (shared tables check all theirs at once)."""
+    lo, hi, wide = r.raw(3)
     if hi < lo or wide not in (1, 2):
         raise r.fail("bad symbol table header")
+    part = np.frombuffer(r.raw((hi - lo + 1) * wide), dtype="<u2" if wide == 2 else "u1")
     if counts is None:
         counts = np.zeros(256, dtype=np.int64)
-    part = np.frombuffer(r.raw((hi - lo + 1) * wide), dtype="<u2" if wide == 2 else "u1")
-    if not part.any():
-        raise r.fail("symbol table has no symbols")
+        if not part.any():
+            raise r.fail("symbol table has no symbols")
     counts[lo:hi + 1] = part
     return counts
 

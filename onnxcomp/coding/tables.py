@@ -103,6 +103,8 @@ def read(data: bytes | memoryview) -> np.ndarray:
     for row in out:
         read_table(r, row)
     r.done()
+    if not out.any(axis=1).all():
+        raise r.fail("a symbol table has no symbols")
     return out
 
 
