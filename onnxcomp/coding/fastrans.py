@@ -4,8 +4,8 @@ Why hand-written: constriction (which codes the Huffman and the legacy rANS stre
 about 40 M symbols/s from Python, because every symbol is looked up by a binary search in a
 model that constriction's Python API builds; the packed format's target is 100 MB/s of decoded
 weights on one core. A static rANS with a slot -> symbol lookup table decodes several times
-faster, and constriction does not expose one to Python. This module is that coder and nothing
-else: 14-bit probabilities (the tables are the ones `models` already stores, scaled here to sum
+faster, and constriction does not expose one to Python. This module is that coder (and the
+compiled inverse of the byte-plane split, for the same reason): 14-bit probabilities (the tables are the ones `models` already stores, scaled here to sum
 exactly 2**14; the finer grain keeps the symbols between the present ones, which must stay
 codable, from taking mass), 32-bit states renormalized by 16-bit words, four interleaved states.
 
@@ -212,6 +212,26 @@ def decode_kernel(words, nwords, group_sizes, group_tables, slot_symbols, freqs,
             x2, p, out[i] = decode_one(x2, words, p, sy, fr, cu)
             i += 1
     return DECODED if p == nwords and x0 == LOW and x1 == LOW and x2 == LOW and x3 == LOW else CORRUPT
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_planes_kernel(planes, rotate, out):
+    """planes.from_planes in one pass (numpy needs ten passes over a small tensor, the cost of a
+    small model): `out` (uint16, uint32 or uint64) gets the values whose bytes are the (k, n)
+    byte planes, most significant first; with `rotate`, each value's bits are rotated right by
+    one (the float transform undone)."""
+    k, n = planes.shape
+    top = np.uint64(8 * k - 1)
+    one, eight = np.uint64(1), np.uint64(8)
+    for i in range(n):  # plane by plane, so that the loops vectorize
+        out[i] = planes[0, i]
+    for j in range(1, k):
+        for i in range(n):
+            out[i] = (np.uint64(out[i]) << eight) | np.uint64(planes[j, i])
+    if rotate:
+        for i in range(n):
+            v = np.uint64(out[i])
+            out[i] = (v >> one) | ((v & one) << top)
 
 
 def encode(symbols: np.ndarray, sizes: np.ndarray, table_ids: np.ndarray, tables: np.ndarray) -> bytes:

@@ -35,21 +35,17 @@ def to_planes(values: np.ndarray, kind: str, itemsize: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(b[:, itemsize - 1 - j]) for j in range(itemsize)]
 
 
-def from_planes(planes: list[np.ndarray], kind: str, itemsize: int) -> np.ndarray:
-    """Inverse of to_planes: unsigned ints of `itemsize` bytes (little-endian), 1-D."""
+def from_planes(planes: np.ndarray | list[np.ndarray], kind: str, itemsize: int) -> np.ndarray:
+    """Inverse of to_planes (planes: a list, or a (itemsize, n) array): unsigned ints of
+    `itemsize` bytes (little-endian), 1-D."""
     if itemsize == 1:
         return planes[0]
-    n = planes[0].size
-    b = np.empty((n, itemsize), dtype=np.uint8)
-    for j, plane in enumerate(planes):
-        b[:, itemsize - 1 - j] = plane
-    u = b.view(np.dtype(UINT[itemsize]).newbyteorder("<")).reshape(-1).astype(UINT[itemsize], copy=False)
-    if kind == "f":  # in place: u is this function's own array
-        sign = u & UINT[itemsize](1)
-        sign <<= UINT[itemsize](8 * itemsize - 1)
-        u >>= UINT[itemsize](1)
-        u |= sign
-    return u
+    from onnxcomp.coding.fastrans import merge_planes_kernel  # numba: decoding planes imports it anyway
+
+    planes = np.ascontiguousarray(planes, np.uint8)
+    out = np.empty(planes.shape[1], UINT[itemsize])
+    merge_planes_kernel(planes, kind == "f", out)
+    return out
 
 
 def group_factor(rows: int, n: int, min_row: int = MIN_ROW) -> int:

@@ -320,7 +320,9 @@ def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared:
             raise r.fail("the non-zero bitmap does not match the non-zero count")
     else:
         lengths = P.dense_lengths(rows, n)
-    planes = [decode_plane(r.u8(), r.blob(), count, lengths, shared, where) for _ in range(itemsize)]
+    planes = np.empty((itemsize, count), np.uint8)
+    for plane in planes:
+        plane[:] = decode_plane(r.u8(), r.blob(), count, lengths, shared, where)
     r.done()
     vals = P.from_planes(planes, kind, itemsize)
     if nzmask is not None:
