@@ -64,6 +64,7 @@ PACKED_FIXED = {2: (4, "<f4"), 5: (10, "<f8")}  # field -> (TensorProto field nu
 STORAGE = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.int32, 5: np.int64,
            6: np.float32, 7: np.float64, 8: np.uint64, 9: np.uint32}
 STORAGE_CODE = {np.dtype(v): k for k, v in STORAGE.items()}
+STORAGE_DTYPE = {k: np.dtype(v).newbyteorder("<") for k, v in STORAGE.items()}  # as stored: little-endian
 # ONNX types whose raw data is exactly this numpy type (the ones handed to ORT as arrays)
 PLAIN_TYPES = {T.FLOAT: np.dtype("<f4"), T.DOUBLE: np.dtype("<f8"), T.FLOAT16: np.dtype("<f2"), T.INT8: np.dtype("i1"),
                T.UINT8: np.dtype("u1"), T.INT16: np.dtype("<i2"), T.UINT16: np.dtype("<u2"), T.INT32: np.dtype("<i4"),
@@ -416,12 +417,13 @@ def _read_streams(h: Reader, count: int, version: int, max_decoded: int) -> list
             streams.append(_Stream([_Member(last, packed >> 4, packed & 15, decoded, decoded_crc, "")], 0,
                                    coded, coded_crc, ""))
             continue
-        n_members, coded, coded_crc, pad = h.varint(1 << 32), h.varint(), h.u32(), h.varint(BUNDLE_ROW - 1)
+        varint, u8, u32 = h.varint, h.u8, h.u32
+        n_members, coded, coded_crc, pad = varint(1 << 32), varint(), u32(), varint(BUNDLE_ROW - 1)
         if n_members < 1 or n_members * 7 > h.left():
             raise h.fail(f"a stream lists {n_members} tensors")
         members = []
         for _ in range(n_members):
-            index, packed, decoded, decoded_crc = h.varint(1 << 32), h.u8(), h.varint(max_decoded), h.u32()
+            index, packed, decoded, decoded_crc = varint(1 << 32), u8(), varint(max_decoded), u32()
             members.append(_Member(index, packed >> 4, packed & 15, decoded, decoded_crc, ""))
         streams.append(_Stream(members, pad, coded, coded_crc, ""))
     h.done()
@@ -468,7 +470,7 @@ def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int,
             tensor = tensors[m.index]
             if m.field not in FIELDS or m.storage not in STORAGE:
                 raise InputError(f"{where}: tensor #{m.index}: bad stream entry (field or storage type)")
-            dtype = np.dtype(STORAGE[m.storage])
+            dtype = STORAGE_DTYPE[m.storage]
             expected = _expected_bytes(tensor, m.field, dtype)
             if m.decoded != expected:
                 raise InputError(f"{where}: tensor #{m.index} ({tensor.name}): stream decodes to {m.decoded} "
@@ -493,7 +495,7 @@ def _unpack(data: memoryview, h: Reader, pos: int, where: str, max_decoded: int,
             offset += m.decoded
             if zlib.crc32(part) != m.decoded_crc:
                 raise InputError(f"{where}: tensor #{m.index} ({tensor.name}): decoded data checksum mismatch")
-            values = np.frombuffer(part, dtype=np.dtype(STORAGE[m.storage]).newbyteorder("<"))
+            values = np.frombuffer(part, dtype=STORAGE_DTYPE[m.storage])
             if arrays is not None and m.index < len(proto.graph.initializer) and m.field == 1 \
                     and m.decoded >= 1024 and tensor.data_type in PLAIN_TYPES:
                 arrays[tensor.name] = values.view(PLAIN_TYPES[tensor.data_type]).reshape(tuple(tensor.dims))
