@@ -55,6 +55,8 @@ BUNDLE_MAX = 16 << 10            # tensors under this many bytes are coded in bu
 BUNDLE_CAP = 16 << 20            # ... of at most this many bytes each
 TABLES_CAP = 64 * (3 + 2 * 256) + 16  # the largest shared tables section (64 tables)
 SECTION_BROTLI_MAX = 1 << 20
+RECODE_MAX = 4 << 20             # streams up to this size may be coded again without the shared tables...
+RECODE_SHARE = 0.002             # ... when the tables are at least this share of the model's tensor bytes
 BUNDLE_ROW = 64                  # a bundle's rows (one symbol table each) hold this many elements
 MAX_DECODED = int(os.environ.get("ONNXCOMP_MAX_DECODED", 64 << 30))  # refuse files declaring more
 T = onnx.TensorProto
@@ -189,6 +191,31 @@ def pack_proto(proto: onnx.ModelProto, coder: str = "auto") -> tuple[bytes, dict
     return out.getvalue(), stats
 
 
+def _tables_section(shared: np.ndarray) -> bytes:
+    """The shared tables section: a method byte (0 raw, 1 xz as raw LZMA2, 3 brotli), the tables."""
+    method, tables = _compress_section(shared_tables.write(shared), (0, 2, 3), xz=coding.tensor.xz_compress)
+    return bytes([{0: 0, 2: 1, 3: 3}[method]]) + tables
+
+
+def _copy_streams(spill: BinaryIO, out: BinaryIO, streams: list[_Stream], replaced: dict[int, tuple[bytes, int]]) -> None:
+    """Copy the spilled streams to `out`, writing the streams at the positions of `replaced`
+    (new stream, length of the spilled one it replaces) instead of the spilled ones."""
+    spill.seek(0)
+    for i, s in enumerate(streams):
+        if i in replaced:
+            data, spilled = replaced[i]
+            spill.seek(spilled, os.SEEK_CUR)
+            out.write(data)
+            continue
+        left = s.coded
+        while left:
+            chunk = spill.read(min(left, 16 << 20))
+            if not chunk:
+                raise OutputError("the temporary stream file is shorter than written")
+            out.write(chunk)
+            left -= len(chunk)
+
+
 def _bundles(sizes: dict[int, tuple[int, tuple[str, int]]]) -> tuple[list[int], list[list[int]]]:
     """Split packed tensors (index -> (bytes, layout)) into the ones coded alone and bundles of
     small tensors with the same layout (one stream each, capped at BUNDLE_CAP bytes)."""
@@ -286,10 +313,18 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
             yield bundled(indices)[:4]
 
     shared = coding.fit_shared(items(), coder)
+    tables_blob = _tables_section(shared)
+    # Each stream picks its smallest coding, but the tables cost bytes of their own: on a small
+    # model, streams coded without them may come out smaller in all. Small streams that use
+    # them are also coded without, to find out.
+    recode = len(tables_blob) >= RECODE_SHARE * sum(nbytes for nbytes, _ in sizes.values())
+    without: dict[int, tuple[bytes, str]] = {}  # stream position -> (stream, choice) without tables
     streams: list[_Stream] = []
     with tempfile.TemporaryFile() as spill:
         def code(values, kind, itemsize, shape, members, pad):
             stream, choice = coding.encode_tensor(values, kind, itemsize, shape, coder, shared)
+            if recode and "rans*" in choice and values.nbytes <= RECODE_MAX:
+                without[len(streams)] = coding.encode_tensor(values, kind, itemsize, shape, coder, shared[:0])
             spill.write(stream)
             streams.append(_Stream(members, pad, len(stream), zlib.crc32(stream), choice))
 
@@ -306,15 +341,21 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
                 if tensor.data_location == T.EXTERNAL:  # unpacked, its data is inline
                     tensor.ClearField("data_location")
                     del tensor.external_data[:]
+        users = [i for i, s in enumerate(streams) if "rans*" in s.choice]
+        no_tables = _tables_section(shared[:0])
+        replaced: dict[int, tuple[bytes, int]] = {}
+        if users and all(i in without for i in users) and \
+                sum(len(without[i][0]) - streams[i].coded for i in users) < len(tables_blob) - len(no_tables):
+            for i in users:
+                stream, s = without[i][0], streams[i]
+                replaced[i] = (stream, s.coded)
+                s.choice, s.coded, s.coded_crc = without[i][1], len(stream), zlib.crc32(stream)
+            users = []
+        if not users:  # no stream codes with the tables: not stored
+            tables_blob = no_tables
         encode_s = time.perf_counter() - t0
         skel_raw = skeleton.SerializeToString()
         skel_method, skel = _compress_section(skel_raw)
-        if not any("rans*" in s.choice for s in streams):  # no stream codes with them: not stored
-            shared = shared[:0]
-        tables_raw = shared_tables.write(shared)
-        tables_method, tables = _compress_section(tables_raw, (0, 2, 3), xz=coding.tensor.xz_compress)
-        # the tables section's own ids: 0 raw, 1 xz (raw LZMA2), 3 brotli
-        tables_blob = bytes([{0: 0, 2: 1, 3: 3}[tables_method]]) + tables
         total = sum(m.decoded for s in streams for m in s.members)
         h = Writer()
         h.u8(skel_method)
@@ -339,8 +380,11 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
         start = out.tell()
         out.writelines((MAGIC, struct.pack("<HHII", VERSION, 0, len(header), zlib.crc32(header)), header,
                         skel, tables_blob))
-        spill.seek(0)
-        shutil.copyfileobj(spill, out, 16 << 20)
+        if replaced:
+            _copy_streams(spill, out, streams, replaced)
+        else:
+            spill.seek(0)
+            shutil.copyfileobj(spill, out, 16 << 20)
         packed_bytes = out.tell() - start
     choices: dict[str, int] = {}
     per_tensor = {}

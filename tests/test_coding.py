@@ -23,12 +23,17 @@ def _code(arr: np.ndarray, data_type: int, coder: str, shared=None):
     return stream, choice, back, u
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype,data_type", [(np.float32, 1), (np.float16, 10), (np.float64, 11)])
-def test_float_planes_invert_exactly_including_nan_inf_and_negative_zero(dtype, data_type):
+def test_float_planes_invert_exactly_including_nan_inf_and_negative_zero(dtype, data_type, compiled):
     special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, -7.5], dtype=dtype)
     values = np.concatenate([special, np.random.default_rng(0).standard_normal(993).astype(dtype)])
     u = values.view(UNSIGNED[values.itemsize])
-    assert np.array_equal(planes.from_planes(planes.to_planes(u, "f", values.itemsize), "f", values.itemsize), u)
+    back = planes.from_planes(planes.to_planes(u, "f", values.itemsize), "f", values.itemsize, compiled)
+    assert back.dtype == u.dtype and np.array_equal(back, u)
+    ints = np.concatenate([u, np.array([0, 1, np.iinfo(u.dtype).max], u.dtype)])  # the same bytes, not rotated
+    assert np.array_equal(planes.from_planes(planes.to_planes(ints, "i", ints.itemsize), "i", ints.itemsize,
+                                             compiled), ints)
 
 
 def test_float_exponent_plane_is_the_skewed_one():

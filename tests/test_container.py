@@ -205,6 +205,19 @@ def test_small_tensors_are_coded_in_bundles_and_come_back_exactly():
     assert len(data) < len(separate)
 
 
+def test_shared_tables_are_left_out_where_they_cost_more_than_they_save(mnist_path, monkeypatch):
+    """mnist's weights gain less from the shared rANS tables than the tables cost: packed without."""
+    original = onnx.load(mnist_path)
+    data, stats = container.pack_proto(original)
+    monkeypatch.setattr(container, "RECODE_SHARE", float("inf"))  # the tables kept wherever a stream gains
+    with_tables, stats_with = container.pack_proto(original)
+    assert any("rans*" in c for c in stats_with["choices"]) and stats_with["tables_bytes"] > 10
+    assert not any("rans*" in c for c in stats["choices"]) and stats["tables_bytes"] <= 2
+    assert len(data) < len(with_tables)
+    for packed in (data, with_tables):
+        assert container.unpack_bytes(packed).SerializeToString() == original.SerializeToString()
+
+
 def test_version_1_files_still_unpack():
     """A file written by the version 1 packer (one stream per tensor), kept as a fixture."""
     data = (Path(__file__).parent / "fixtures" / "every_dtype_v1.onnxc").read_bytes()

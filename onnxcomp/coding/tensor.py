@@ -321,10 +321,13 @@ def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared:
     else:
         lengths = P.dense_lengths(rows, n)
     planes = np.empty((itemsize, count), np.uint8)
+    compiled = False  # numba is loaded once a plane is rANS-coded
     for plane in planes:
-        plane[:] = decode_plane(r.u8(), r.blob(), count, lengths, shared, where)
+        method = r.u8()
+        compiled |= method in (FRANS, FSHARED)
+        plane[:] = decode_plane(method, r.blob(), count, lengths, shared, where)
     r.done()
-    vals = P.from_planes(planes, kind, itemsize)
+    vals = P.from_planes(planes, kind, itemsize, compiled)
     if nzmask is not None:
         full = np.zeros(n, dtype=vals.dtype)
         full[nzmask] = vals
