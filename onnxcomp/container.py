@@ -197,6 +197,23 @@ def _tables_section(shared: np.ndarray) -> bytes:
     return bytes([{0: 0, 2: 1, 3: 3}[method]]) + tables
 
 
+def _drop_tables(streams: list[_Stream], without: dict[int, tuple[bytes, str]], cost: int) -> dict[int, tuple[bytes, int]]:
+    """If every stream coded with the shared tables has a coding without them (`without`:
+    position -> (stream, choice)), and all of those together grow by less than the tables
+    `cost`, switch their records to those codings. Returns position -> (new stream, length of
+    the spilled one it replaces); empty when the tables stay."""
+    users = [i for i, s in enumerate(streams) if "rans*" in s.choice]
+    if not users or any(i not in without for i in users) or \
+            sum(len(without[i][0]) - streams[i].coded for i in users) >= cost:
+        return {}
+    replaced = {}
+    for i in users:
+        (stream, choice), s = without[i], streams[i]
+        replaced[i] = (stream, s.coded)
+        s.choice, s.coded, s.coded_crc = choice, len(stream), zlib.crc32(stream)
+    return replaced
+
+
 def _copy_streams(spill: BinaryIO, out: BinaryIO, streams: list[_Stream], replaced: dict[int, tuple[bytes, int]]) -> None:
     """Copy the spilled streams to `out`, writing the streams at the positions of `replaced`
     (new stream, length of the spilled one it replaces) instead of the spilled ones."""
@@ -341,17 +358,9 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
                 if tensor.data_location == T.EXTERNAL:  # unpacked, its data is inline
                     tensor.ClearField("data_location")
                     del tensor.external_data[:]
-        users = [i for i, s in enumerate(streams) if "rans*" in s.choice]
         no_tables = _tables_section(shared[:0])
-        replaced: dict[int, tuple[bytes, int]] = {}
-        if users and all(i in without for i in users) and \
-                sum(len(without[i][0]) - streams[i].coded for i in users) < len(tables_blob) - len(no_tables):
-            for i in users:
-                stream, s = without[i][0], streams[i]
-                replaced[i] = (stream, s.coded)
-                s.choice, s.coded, s.coded_crc = without[i][1], len(stream), zlib.crc32(stream)
-            users = []
-        if not users:  # no stream codes with the tables: not stored
+        replaced = _drop_tables(streams, without, len(tables_blob) - len(no_tables))
+        if not any("rans*" in s.choice for s in streams):  # no stream codes with the tables: not stored
             tables_blob = no_tables
         encode_s = time.perf_counter() - t0
         skel_raw = skeleton.SerializeToString()
