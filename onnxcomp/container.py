@@ -259,9 +259,11 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
     lists every stream, comes first in the file and is written last). Tensors under BUNDLE_MAX
     bytes are coded together, one bundle per layout: one stream instead of hundreds of tiny
     ones codes smaller (one model per row of the bundle instead of per tensor) and decodes
-    without a Python round trip per tensor. `owned=True`: the proto is the caller's to spend
-    (used as the skeleton instead of a copy). `external`: tensor name -> (file, offset, length)
-    of main-graph initializers left in their (checked) data file.
+    without a Python round trip per tensor. The model's shared rANS tables are stored only when
+    the streams that use them save more than the tables cost (see _drop_tables).
+    `owned=True`: the proto is the caller's to spend (used as the skeleton instead of a copy).
+    `external`: tensor name -> (file, offset, length) of main-graph initializers left in their
+    (checked) data file.
     """
     if coder not in coding.CODERS:
         raise InputError(f"unknown coder {coder!r} (choose one of: {', '.join(coding.CODERS)})")
