@@ -4,10 +4,11 @@ Why hand-written: constriction (which codes the Huffman and the legacy rANS stre
 about 40 M symbols/s from Python, because every symbol is looked up by a binary search in a
 model that constriction's Python API builds; the packed format's target is 100 MB/s of decoded
 weights on one core. A static rANS with a slot -> symbol lookup table decodes several times
-faster, and constriction does not expose one to Python. This module is that coder (and the
-compiled inverse of the byte-plane split, for the same reason): 14-bit probabilities (the tables are the ones `models` already stores, scaled here to sum
-exactly 2**14; the finer grain keeps the symbols between the present ones, which must stay
-codable, from taking mass), 32-bit states renormalized by 16-bit words, four interleaved states.
+faster, and constriction does not expose one to Python. This module is that coder (and, for
+the same reason, the compiled inverse of the byte-plane split): 14-bit probabilities (the tables
+are the ones `models` already stores, scaled here to sum exactly 2**14; the finer grain keeps
+the symbols between the present ones, which must stay codable, from taking mass), 32-bit states
+renormalized by 16-bit words, four interleaved states.
 
 Stream: little-endian u16 words; the decoder reads them forward. Groups of symbols, each with its
 own table, follow one another in one stream (the shared-table coder codes each table's rows as

@@ -48,7 +48,9 @@ def from_planes(planes: np.ndarray | list[np.ndarray], kind: str, itemsize: int,
         out = np.empty(planes.shape[1], UINT[itemsize])
         merge_planes_kernel(planes, kind == "f", out)
         return out
-    b = np.ascontiguousarray(planes[::-1].T)  # (n, itemsize): little-endian bytes of each value
+    b = np.empty((planes.shape[1], itemsize), dtype=np.uint8)  # little-endian bytes of each value
+    for j in range(itemsize):
+        b[:, itemsize - 1 - j] = planes[j]
     u = b.view(np.dtype(UINT[itemsize]).newbyteorder("<")).reshape(-1).astype(UINT[itemsize], copy=False)
     if kind == "f":  # in place: u is this function's own array
         sign = u & UINT[itemsize](1)
