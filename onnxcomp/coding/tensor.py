@@ -320,12 +320,11 @@ def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared:
             raise r.fail("the non-zero bitmap does not match the non-zero count")
     else:
         lengths = P.dense_lengths(rows, n)
-    planes = np.empty((itemsize, count), np.uint8)
-    compiled = False  # numba is loaded once a plane is rANS-coded
-    for plane in planes:
+    planes, compiled = [], False  # numba is loaded once a plane is rANS-coded
+    for _ in range(itemsize):
         method = r.u8()
         compiled |= method in (FRANS, FSHARED)
-        plane[:] = decode_plane(method, r.blob(), count, lengths, shared, where)
+        planes.append(decode_plane(method, r.blob(), count, lengths, shared, where))
     r.done()
     vals = P.from_planes(planes, kind, itemsize, compiled)
     if nzmask is not None:
