@@ -55,8 +55,8 @@ BUNDLE_MAX = 16 << 10            # tensors under this many bytes are coded in bu
 BUNDLE_CAP = 16 << 20            # ... of at most this many bytes each
 TABLES_CAP = 64 * (3 + 2 * 256) + 16  # the largest shared tables section (64 tables)
 SECTION_BROTLI_MAX = 1 << 20
-RECODE_MAX = 4 << 20             # streams up to this size may be coded again without the shared tables...
-RECODE_SHARE = 0.002             # ... when the tables are at least this share of the model's tensor bytes
+RECODE_MAX = 8 << 20             # models with up to this many tensor bytes are also coded without rANS...
+RANS_MARGIN = 0.005              # ... and packed so unless rANS saves more than this share of the file
 BUNDLE_ROW = 64                  # a bundle's rows (one symbol table each) hold this many elements
 MAX_DECODED = int(os.environ.get("ONNXCOMP_MAX_DECODED", 64 << 30))  # refuse files declaring more
 T = onnx.TensorProto
@@ -197,14 +197,15 @@ def _tables_section(shared: np.ndarray) -> bytes:
     return bytes([{0: 0, 2: 1, 3: 3}[method]]) + tables
 
 
-def _drop_tables(streams: list[_Stream], without: dict[int, tuple[bytes, str]], cost: int) -> dict[int, tuple[bytes, int]]:
-    """If every stream coded with the shared tables has a coding without them (`without`:
-    position -> (stream, choice)), and all of those together grow by less than the tables
-    `cost`, switch their records to those codings. Returns position -> (new stream, length of
-    the spilled one it replaces); empty when the tables stay."""
-    users = [i for i, s in enumerate(streams) if "rans*" in s.choice]
+def _drop_rans(streams: list[_Stream], without: dict[int, tuple[bytes, str]], tables_cost: int) -> dict[int, tuple[bytes, int]]:
+    """If every stream coded with rANS has a coding without (`without`: position -> (stream,
+    choice)), and all of those together grow by less than the shared tables cost plus
+    RANS_MARGIN of the file, switch their records to those codings. Returns position -> (new
+    stream, length of the spilled one it replaces); empty when rANS stays."""
+    users = [i for i, s in enumerate(streams) if "rans" in s.choice]
+    packed = sum(s.coded for s in streams) + tables_cost
     if not users or any(i not in without for i in users) or \
-            sum(len(without[i][0]) - streams[i].coded for i in users) >= cost:
+            sum(len(without[i][0]) - streams[i].coded for i in users) > tables_cost + RANS_MARGIN * packed:
         return {}
     replaced = {}
     for i in users:
@@ -259,8 +260,8 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
     lists every stream, comes first in the file and is written last). Tensors under BUNDLE_MAX
     bytes are coded together, one bundle per layout: one stream instead of hundreds of tiny
     ones codes smaller (one model per row of the bundle instead of per tensor) and decodes
-    without a Python round trip per tensor. The model's shared rANS tables are stored only when
-    the streams that use them save more than the tables cost (see _drop_tables).
+    without a Python round trip per tensor. A small model keeps rANS only where it saves more
+    than its shared tables cost plus RANS_MARGIN of the file (see _drop_rans).
     `owned=True`: the proto is the caller's to spend (used as the skeleton instead of a copy).
     `external`: tensor name -> (file, offset, length) of main-graph initializers left in their
     (checked) data file.
@@ -333,17 +334,17 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
 
     shared = coding.fit_shared(items(), coder)
     tables_blob = _tables_section(shared)
-    # Each stream picks its smallest coding, but the tables cost bytes of their own: on a small
-    # model, streams coded without them may come out smaller in all. Small streams that use
-    # them are also coded without, to find out.
-    recode = len(tables_blob) >= RECODE_SHARE * sum(nbytes for nbytes, _ in sizes.values())
-    without: dict[int, tuple[bytes, str]] = {}  # stream position -> (stream, choice) without tables
+    # Each stream picks its smallest coding, but rANS has costs of its own: the shared tables'
+    # bytes, and numba (about 0.5 s at a cold start) to decode it. On a small model the streams
+    # that use rANS are also coded without, and rANS is kept only where it saves enough.
+    recode = coder == "auto" and sum(nbytes for nbytes, _ in sizes.values()) <= RECODE_MAX
+    without: dict[int, tuple[bytes, str]] = {}  # stream position -> (stream, choice) without rANS
     streams: list[_Stream] = []
     with tempfile.TemporaryFile() as spill:
         def code(values, kind, itemsize, shape, members, pad):
             stream, choice = coding.encode_tensor(values, kind, itemsize, shape, coder, shared)
-            if recode and "rans*" in choice and values.nbytes <= RECODE_MAX:
-                without[len(streams)] = coding.encode_tensor(values, kind, itemsize, shape, coder, shared[:0])
+            if recode and "rans" in choice:
+                without[len(streams)] = coding.encode_tensor(values, kind, itemsize, shape, coder, rans=False)
             spill.write(stream)
             streams.append(_Stream(members, pad, len(stream), zlib.crc32(stream), choice))
 
@@ -361,7 +362,8 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
                     tensor.ClearField("data_location")
                     del tensor.external_data[:]
         no_tables = _tables_section(shared[:0])
-        replaced = _drop_tables(streams, without, len(tables_blob) - len(no_tables))
+        tables_cost = len(tables_blob) - len(no_tables) if any("rans*" in s.choice for s in streams) else 0
+        replaced = _drop_rans(streams, without, tables_cost)
         if not any("rans*" in s.choice for s in streams):  # no stream codes with the tables: not stored
             tables_blob = no_tables
         encode_s = time.perf_counter() - t0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,17 +207,37 @@ def test_small_tensors_are_coded_in_bundles_and_come_back_exactly():
     assert len(data) < len(separate)
 
 
-def test_shared_tables_are_left_out_where_they_cost_more_than_they_save(mnist_path, monkeypatch):
-    """mnist's weights gain less from the shared rANS tables than the tables cost: packed without."""
-    original = onnx.load(mnist_path)
-    data, stats = container.pack_proto(original)
-    monkeypatch.setattr(container, "RECODE_SHARE", float("inf"))  # the tables kept wherever a stream gains
-    with_tables, stats_with = container.pack_proto(original)
-    assert any("rans*" in c for c in stats_with["choices"]) and stats_with["tables_bytes"] > 10
-    assert not any("rans*" in c for c in stats["choices"]) and stats["tables_bytes"] <= 2
-    assert len(data) < len(with_tables)
-    for packed in (data, with_tables):
+def test_small_models_keep_rans_only_where_it_saves_more_than_its_costs(mnist_path, ultraface_path, monkeypatch):
+    """mnist's weights gain less from rANS than its shared tables cost: packed without rANS
+    (so without numba at load time). Ultraface fp32 gains 0.85 % from rANS, over RANS_MARGIN."""
+    mnist = onnx.load(mnist_path)
+    data, stats = container.pack_proto(mnist)
+    assert not any("rans" in c for c in stats["choices"]) and stats["tables_bytes"] <= 2
+    ultraface = onnx.load(ultraface_path)
+    kept, stats_kept = container.pack_proto(ultraface)
+    assert any("rans" in c for c in stats_kept["choices"])
+    monkeypatch.setattr(container, "RANS_MARGIN", 0.02)  # a user who wants no numba for 2 %
+    dropped, stats_dropped = container.pack_proto(ultraface)
+    assert not any("rans" in c for c in stats_dropped["choices"])
+    assert len(kept) < len(dropped) < 1.02 * len(kept)
+    monkeypatch.setattr(container, "RECODE_MAX", 0)  # no model is coded twice: rANS wherever a stream gains
+    forced, stats_forced = container.pack_proto(mnist)
+    assert any("rans*" in c for c in stats_forced["choices"]) and stats_forced["tables_bytes"] > 10
+    assert len(data) < len(forced)
+    for packed, original in ((data, mnist), (forced, mnist), (kept, ultraface), (dropped, ultraface)):
         assert container.unpack_bytes(packed).SerializeToString() == original.SerializeToString()
+
+
+def test_a_file_without_rans_streams_loads_without_numba(mnist_path, tmp_path):
+    """numba's import and first call cost about 0.5 s at a cold start: a packed file that needs
+    no rANS must not pay them (checked in a new interpreter)."""
+    packed = tmp_path / "m.onnxc"
+    assert not any("rans" in c for c in container.pack(mnist_path, packed)["choices"])
+    code = ("import sys, onnxcomp; s = onnxcomp.session(sys.argv[1]); "
+            "print(len(s.get_inputs()), 'numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(packed)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    assert out.stdout.split() == ["1", "False"]
 
 
 def test_version_1_files_still_unpack():

@@ -25,6 +25,7 @@ RAW, CONST, ZSTD, RANS, SHARED, HUFF, XZ, FRANS, FSHARED, BROTLI = range(10)
 NAMES = {RAW: "raw", CONST: "const", ZSTD: "zstd", RANS: "rans-v1", SHARED: "rans*-v1", HUFF: "huffman", XZ: "xz",
          FRANS: "rans", FSHARED: "rans*", BROTLI: "brotli"}
 CODERS = ("auto", "huffman", "rans", "zstd", "raw")
+RANS_METHODS = (RANS, SHARED, FRANS, FSHARED)
 PLANE_METHODS = {
     "auto": (CONST, RAW, ZSTD, FRANS, FSHARED),
     "rans": (CONST, RAW, FRANS, FSHARED),
@@ -247,8 +248,9 @@ def describe(form: int, methods: list[int], sparse: bool = False) -> str:
 
 
 def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...], coder: str,
-           shared: np.ndarray | None = None) -> tuple[bytes, str]:
-    """Code one tensor (values: 1-D unsigned view of the element bytes). Returns (stream, choice)."""
+           shared: np.ndarray | None = None, rans: bool = True) -> tuple[bytes, str]:
+    """Code one tensor (values: 1-D unsigned view of the element bytes). Returns (stream, choice).
+    `rans=False`: no rANS plane, so decoding it needs no numba."""
     raw = values.tobytes()
     candidates: list[tuple[bytes, str]] = []
     if coder in ("raw", "auto") or not raw:
@@ -260,7 +262,7 @@ def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
     if coder == "auto" and raw and len(raw) <= BROTLI_MAX:
         candidates.append((bytes([0, BROTLI]) + brotli_compress(raw), "brotli"))
     if coder in PLANE_METHODS and raw:
-        methods = PLANE_METHODS[coder]
+        methods = PLANE_METHODS[coder] if rans else tuple(m for m in PLANE_METHODS[coder] if m not in RANS_METHODS)
         for v in P.variants(values, kind, itemsize, shape):
             w = Writer()
             w.u8(1)
@@ -323,7 +325,7 @@ def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared:
     planes, compiled = [], False  # numba is loaded once a plane is rANS-coded
     for _ in range(itemsize):
         method = r.u8()
-        compiled |= method in (FRANS, FSHARED)
+        compiled |= method in RANS_METHODS
         planes.append(decode_plane(method, r.blob(), count, lengths, shared, where))
     r.done()
     vals = P.from_planes(planes, kind, itemsize, compiled)
