@@ -55,7 +55,7 @@ BUNDLE_MAX = 16 << 10            # tensors under this many bytes are coded in bu
 BUNDLE_CAP = 16 << 20            # ... of at most this many bytes each
 TABLES_CAP = 64 * (3 + 2 * 256) + 16  # the largest shared tables section (64 tables)
 SECTION_BROTLI_MAX = 1 << 20
-RECODE_MAX = 8 << 20             # models with up to this many tensor bytes are also coded without rANS...
+RECODE_MAX = 8 << 20             # a model with up to this many tensor bytes is also coded without rANS...
 RANS_MARGIN = 0.005              # ... and packed so unless rANS saves more than this share of the file
 BUNDLE_ROW = 64                  # a bundle's rows (one symbol table each) hold this many elements
 MAX_DECODED = int(os.environ.get("ONNXCOMP_MAX_DECODED", 64 << 30))  # refuse files declaring more
@@ -197,19 +197,30 @@ def _tables_section(shared: np.ndarray) -> bytes:
     return bytes([{0: 0, 2: 1, 3: 3}[method]]) + tables
 
 
-def _drop_rans(streams: list[_Stream], without: dict[int, tuple[bytes, str]], tables_cost: int) -> dict[int, tuple[bytes, int]]:
-    """If every stream coded with rANS has a coding without (`without`: position -> (stream,
-    choice)), and all of those together grow by less than the shared tables cost plus
-    RANS_MARGIN of the file, switch their records to those codings. Returns position -> (new
-    stream, length of the spilled one it replaces); empty when rANS stays."""
+def _cheaper_codings(streams: list[_Stream], without_tables: dict[int, tuple[bytes, str]],
+                     without_rans: dict[int, tuple[bytes, str]], tables_cost: int) -> dict[int, tuple[bytes, int]]:
+    """Recode the streams that use rANS where that makes the file smaller, or costs it no more
+    than RANS_MARGIN and spares numba. The alternatives map stream positions to (stream, choice):
+    `without_tables` for the streams that use the shared tables (whose bytes, `tables_cost`, go
+    too when none does), `without_rans` for every stream that uses rANS; a stream that lacks one
+    rules that alternative out. The chosen ones are written into the streams' records; returns
+    position -> (new stream, length of the spilled one it replaces), empty when nothing changes."""
     users = [i for i, s in enumerate(streams) if "rans" in s.choice]
-    packed = sum(s.coded for s in streams) + tables_cost
-    if not users or any(i not in without for i in users) or \
-            sum(len(without[i][0]) - streams[i].coded for i in users) > tables_cost + RANS_MARGIN * packed:
+    if not users:
         return {}
+    as_is = sum(streams[i].coded for i in users) + tables_cost
+    options = [({}, as_is)]
+    if all(i in without_tables for i in users if "rans*" in streams[i].choice):
+        options.append(({i: without_tables[i] for i in users if i in without_tables},
+                        sum(len(without_tables[i][0]) if i in without_tables else streams[i].coded for i in users)))
+    if all(i in without_rans for i in users):
+        no_rans = sum(len(without_rans[i][0]) for i in users)
+        margin = RANS_MARGIN * (sum(s.coded for s in streams) + tables_cost)
+        options.append(({i: without_rans[i] for i in users}, no_rans - margin))  # preferred within the margin
+    chosen, _ = min(options, key=lambda option: option[1])
     replaced = {}
-    for i in users:
-        (stream, choice), s = without[i], streams[i]
+    for i, (stream, choice) in chosen.items():
+        s = streams[i]
         replaced[i] = (stream, s.coded)
         s.choice, s.coded, s.coded_crc = choice, len(stream), zlib.crc32(stream)
     return replaced
@@ -260,8 +271,9 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
     lists every stream, comes first in the file and is written last). Tensors under BUNDLE_MAX
     bytes are coded together, one bundle per layout: one stream instead of hundreds of tiny
     ones codes smaller (one model per row of the bundle instead of per tensor) and decodes
-    without a Python round trip per tensor. A small model keeps rANS only where it saves more
-    than its shared tables cost plus RANS_MARGIN of the file (see _drop_rans).
+    without a Python round trip per tensor. On a small model the streams that use rANS are also
+    coded without the shared tables and without rANS, and rANS is kept only where it saves more
+    than RANS_MARGIN of the file (see _cheaper_codings).
     `owned=True`: the proto is the caller's to spend (used as the skeleton instead of a copy).
     `external`: tensor name -> (file, offset, length) of main-graph initializers left in their
     (checked) data file.
@@ -336,15 +348,18 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
     tables_blob = _tables_section(shared)
     # Each stream picks its smallest coding, but rANS has costs of its own: the shared tables'
     # bytes, and numba (about 0.5 s at a cold start) to decode it. On a small model the streams
-    # that use rANS are also coded without, and rANS is kept only where it saves enough.
+    # that use rANS are also coded without the tables and without rANS, to weigh those costs.
     recode = coder == "auto" and sum(nbytes for nbytes, _ in sizes.values()) <= RECODE_MAX
-    without: dict[int, tuple[bytes, str]] = {}  # stream position -> (stream, choice) without rANS
+    without_tables: dict[int, tuple[bytes, str]] = {}  # stream position -> (stream, choice)
+    without_rans: dict[int, tuple[bytes, str]] = {}
     streams: list[_Stream] = []
     with tempfile.TemporaryFile() as spill:
         def code(values, kind, itemsize, shape, members, pad):
             stream, choice = coding.encode_tensor(values, kind, itemsize, shape, coder, shared)
             if recode and "rans" in choice:
-                without[len(streams)] = coding.encode_tensor(values, kind, itemsize, shape, coder, rans=False)
+                without_rans[len(streams)] = coding.encode_tensor(values, kind, itemsize, shape, coder, rans=False)
+            if recode and "rans*" in choice:
+                without_tables[len(streams)] = coding.encode_tensor(values, kind, itemsize, shape, coder)
             spill.write(stream)
             streams.append(_Stream(members, pad, len(stream), zlib.crc32(stream), choice))
 
@@ -363,7 +378,7 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
                     del tensor.external_data[:]
         no_tables = _tables_section(shared[:0])
         tables_cost = len(tables_blob) - len(no_tables) if any("rans*" in s.choice for s in streams) else 0
-        replaced = _drop_rans(streams, without, tables_cost)
+        replaced = _cheaper_codings(streams, without_tables, without_rans, tables_cost)
         if not any("rans*" in s.choice for s in streams):  # no stream codes with the tables: not stored
             tables_blob = no_tables
         encode_s = time.perf_counter() - t0

@@ -228,6 +228,31 @@ def test_small_models_keep_rans_only_where_it_saves_more_than_its_costs(mnist_pa
         assert container.unpack_bytes(packed).SerializeToString() == original.SerializeToString()
 
 
+def test_the_cheapest_coding_of_the_rans_streams_is_chosen():
+    """Three codings of a model's rANS streams: as they are (with the shared tables), without the
+    tables (per-plane rANS allowed), without rANS (preferred within RANS_MARGIN of the file)."""
+    def records():  # 0: rANS with the shared tables, 1: rANS with its own table, 2: zstd
+        return [container._Stream([], 0, coded, 0, choice)
+                for coded, choice in ((1000, "planes[rans*]"), (500, "planes[rans]"), (8500, "zstd"))]
+
+    def chosen(tables_cost, no_tables, no_rans):
+        streams = records()
+        replaced = container._cheaper_codings(
+            streams, {0: (b"t" * no_tables, "planes[rans]")},
+            {0: (b"r" * no_rans[0], "brotli"), 1: (b"r" * no_rans[1], "zstd")}, tables_cost)
+        return sorted(replaced), [s.choice for s in streams[:2]], sum(s.coded for s in streams[:2])
+
+    margin = container.RANS_MARGIN * 10_000  # of the file: 10,000 bytes of streams here, 50 bytes
+    # the tables pay for themselves and rANS saves more than the margin: nothing changes
+    assert chosen(100, 1150, (1200, 600)) == ([], ["planes[rans*]", "planes[rans]"], 1500)
+    # the tables cost more than they save: without them (rANS kept, it saves 200 > margin)
+    assert chosen(300, 1100, (1200, 600)) == ([0], ["planes[rans]", "planes[rans]"], 1600)
+    # rANS saves less than the margin over the best coding with it: no rANS at all
+    assert chosen(100, 1150, (1050, 550 + int(margin) - 1)) == ([0, 1], ["brotli", "zstd"], 1599 + int(margin))
+    # ... one byte more, and rANS stays
+    assert chosen(100, 1150, (1050, 550 + int(margin) + 1))[0] == []
+
+
 def test_a_file_without_rans_streams_loads_without_numba(mnist_path, tmp_path):
     """numba's import and first call cost about 0.5 s at a cold start: a packed file that needs
     no rANS must not pay them (checked in a new interpreter)."""
