@@ -14,9 +14,9 @@ import onnx
 from onnxcomp.base import Pass
 from onnxcomp.calibration import CalibrationData, ImagePreprocess
 from onnxcomp.context import PassContext, Tolerance
-from onnxcomp.gate import Gate, GateChecker, check_disjoint, run_gated
+from onnxcomp.gate import Gate
 from onnxcomp.model import Model, constant_nbytes, load
-from onnxcomp.pipeline import LOSSLESS_TOLERANCE, Pipeline, as_pipeline
+from onnxcomp.pipeline import Pipeline, as_pipeline
 from onnxcomp.report import Report
 
 
@@ -36,16 +36,28 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
              evaluation: Any = None, preprocess: ImagePreprocess | str | None = None,
              verify_each: bool = False, on_failure: str = "stop", tolerance: Tolerance | None = None,
              check: bool = True, seed: int = 0, progress=None, example_inputs: Any = None,
-             gate: Gate | None = None, dims: dict[str, int] | None = None) -> OptimizeResult:
+             gate: Gate | bool | None = None, dims: dict[str, int] | None = None,
+             shapes: dict[str, tuple[int, ...]] | None = None,
+             carry_state: dict[str, str] | None = None) -> OptimizeResult:
     """Run a pipeline over a model and return the new model and its report.
 
     `model_or_path` may also be a torch.nn.Module (with `example_inputs`): it is exported first.
-    `calibration` / `evaluation`: an .npz path, an image folder (with `preprocess`) or an
-    iterable of {input_name: array} dicts. With `check`, the result is compared with the input
-    on ORT (on `evaluation` data, or generated inputs) and the figures go in the report.
-    `dims` sizes the symbolic input dimensions of generated inputs ({"batch": 4}); the model
-    itself keeps them symbolic.
+    `calibration` / `evaluation`: an .npz path, a folder of .npz/.npy files or of images (with
+    `preprocess`), an iterable of {input_name: array} dicts, or a reader with get_next() (layouts:
+    onnxcomp.feeds). `carry_state` ({output: input}) feeds a stateful model the state it output
+    on the previous sample.
+
+    The gate (onnxcomp.checking): a lossy pipeline is held to `gate`, by default `Gate.default()`
+    (cosine >= 0.99 per output, score-map decisions agree >= 0.9), on the evaluation data or a
+    held-out part of the calibration data, and is refused without either; `gate=False` runs it
+    unchecked (NOT VALIDATED in the report and the model's metadata). A lossless pipeline is
+    compared with the input on the data given, else on generated inputs (`check=False` skips it).
+    `dims` sizes symbolic dimensions of generated inputs ({"batch": 4}) and `shapes` whole input
+    shapes ({"input": (1, 512)}); the model itself keeps them symbolic.
     """
+    from onnxcomp import checking
+    from onnxcomp.feeds import input_specs
+
     if type(model_or_path).__module__.startswith("torch") or hasattr(model_or_path, "state_dict"):
         from onnxcomp.torch_export import export
 
@@ -57,56 +69,67 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
     source = load(model_or_path)
     check_model(source)  # passes assume a well-formed graph; refuse one that is not, naming why
     check_dims(source, dims or {})
-    original = source.copy() if check else None
+    check_shapes(source, shapes or {})
+    original = source.copy()
     pipeline = as_pipeline(spec_or_pipeline)
     if verify_each:
         pipeline.verify_each = True
     pipeline.on_failure = on_failure
-    input_names = [t.name for t in source.graph.inputs]
+    specs = input_specs(source)
+
+    def data(where):
+        found = CalibrationData.from_source(where, preprocess, [s.name for s in specs], specs=specs)
+        return found.carry_state(source.to_proto(), carry_state) if found is not None and carry_state else found
+
     ctx = PassContext(
-        calibration=CalibrationData.from_source(calibration, preprocess, input_names),
-        evaluation=CalibrationData.from_source(evaluation, preprocess, input_names),
+        calibration=data(calibration),
+        evaluation=data(evaluation),
         providers=list(providers) if isinstance(providers, (list, tuple)) else
         ([p for p in providers.split(",")] if providers else ["cpu"]),
         tolerance=tolerance or Tolerance(),
         seed=seed,
         dims=dict(dims or {}),
+        shapes=dict(shapes or {}),
         progress=progress,
     )
-    if gate is not None and gate.active:
-        result = _run_with_gate(pipeline, source, ctx, gate)
+    held_to = checking.gate_for(pipeline, gate)
+    if held_to is not None:
+        checking.hold_out(pipeline, ctx)
+        result = checking.run_with_gate(pipeline, source, ctx, held_to)
     else:
         result = pipeline.run(source, ctx)
-    if check and original is not None:
-        from onnxcomp.validate import validate
-
-        # Lossless pipelines are held to float rounding; lossy ones to the user's tolerance
-        # when one is given, and otherwise only report what they changed.
-        gate_on = gate is not None and gate.active
-        gate = pipeline.lossless or (tolerance is not None and not gate_on)
-        tol = tolerance or LOSSLESS_TOLERANCE
-        report = validate(original, result.model, ctx.evaluation, ctx.providers, tol, dims=ctx.dims)
-        result.report.validation = report.to_dict()
-        result.report.validation["summary"] = report.worst()
-        result.report.validation["gate"] = gate
-        if not report.ran_any:
-            # Custom ops ORT cannot run are not an error for the passes: say it plainly.
-            result.report.validation["summary"] = "not validated: " + report.worst()
-        if not gate or not report.ran_any:
-            result.report.validation["passed"] = None
+    checking.say_when_nothing_lossy_changed(result.report)
+    if held_to is not None:
+        checking.report_gated(result, held_to, original, ctx)
+    elif not pipeline.lossless:
+        checking.report_unchecked(result, original, ctx, tolerance, check)
+    elif check:
+        checking.report_lossless(result, original, ctx, tolerance)
     return OptimizeResult(result.model, result.report)
 
 
 def optimize_file(model: str | Path, output: str | Path, spec_or_pipeline: str | Pipeline | Sequence[Pass], *,
-                  force: bool = False, progress=None, **options: Any) -> OptimizeResult:
+                  force: bool = False, progress=None, keep_failed: str | Path | None = None,
+                  **options: Any) -> OptimizeResult:
     """The per-model job of `onnxcomp optimize`, shared by the one-model command and batch mode
     (local processes or Ray tasks): optimize `model`, refuse a result outside tolerance (nothing is
-    written; the GateFailed carries the report), then save atomically to `output` (.onnxc packs).
-    `options` are those of `optimize`."""
+    written, the GateFailed carries the report; only with `keep_failed` is the attempt nearest the
+    gate written there), then save atomically to `output` (.onnxc packs). `options` are those of
+    `optimize`."""
     from onnxcomp.errors import GateFailed
     from onnxcomp.model import save
 
-    result = optimize(model, spec_or_pipeline, progress=progress, **options)
+    try:
+        result = optimize(model, spec_or_pipeline, progress=progress, **options)
+    except GateFailed as exc:
+        best = getattr(exc, "best_model", None)
+        if keep_failed is None or best is None:
+            raise
+        best.metadata["onnxcomp.validation"] = "FAILED the accuracy gate: " + str(exc)
+        save(best, keep_failed, force=force, source=model)
+        kept = GateFailed(f"{exc} (the attempt nearest the gate was written to {keep_failed}, as asked)")
+        kept.__dict__.update(exc.__dict__)
+        raise kept from exc
     validation = result.report.validation
     if validation and validation["passed"] is False:
         failed = GateFailed("the result is outside tolerance, nothing was written: " + validation["summary"])
@@ -119,32 +142,6 @@ def optimize_file(model: str | Path, output: str | Path, spec_or_pipeline: str |
         result.report.notes.append(f"the pipeline ends with entropy coding but {output.name} is not .onnxc: "
                                    "the weights were saved unpacked")
     save(result.model, output, force=force, source=model)
-    return result
-
-
-def _run_with_gate(pipeline: Pipeline, source: Model, ctx: PassContext, gate: Gate):
-    """Hold the pipeline to the gate on held-out data, bisecting and backing off as needed."""
-    from onnxcomp.errors import GateFailed
-    from onnxcomp.validate import generate_inputs
-
-    if ctx.evaluation is None and ctx.calibration is not None and len(ctx.calibration) >= 2:
-        ctx.calibration, ctx.evaluation = ctx.calibration.split(0.5)
-        ctx.note(f"held out {len(ctx.evaluation)} of the calibration samples for the gate")
-    check_disjoint(ctx.calibration, ctx.evaluation)
-    feeds = list(ctx.evaluation) if ctx.evaluation is not None else \
-        generate_inputs(source, 8, seed=ctx.seed + 1, dims=ctx.dims)
-    checker = GateChecker(gate, source, feeds)
-    try:
-        result, path = run_gated(pipeline, source, ctx, checker)
-    except GateFailed as exc:
-        exc.report = Report(pipeline=str(pipeline), gate={"gate": gate.describe(), "passed": False,
-                                                           "path": getattr(exc, "path", [])})
-        raise
-    result.report.gate = {"gate": gate.describe(), "passed": True, "path": path, **{
-        k: v for k, v in path[-1].items() if k not in ("attempt", "pipeline", "passed")}}
-    if len(path) > 1:
-        ctx.note(f"accuracy gate: {len(path) - 1} back-off(s); final pipeline: {path[-1]['pipeline']}")
-        result.report.notes.append(ctx.notes[-1])
     return result
 
 
@@ -203,6 +200,22 @@ def check_model(model: Model) -> None:
         raise InputError(f"the model fails onnx.checker: {first}") from exc
 
 
+def check_shapes(model: Model, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a shape for an input the model does not have, or one that contradicts its rank or
+    fixed sizes."""
+    from onnxcomp.errors import InputError
+    from onnxcomp.feeds import input_specs
+
+    specs = {s.name: s for s in input_specs(model)}
+    for name, shape in shapes.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise InputError(f"--shape {name}: the model has no input {name!r} (its inputs: {', '.join(specs) or 'none'})")
+        if spec.dims is not None and (len(shape) != len(spec.dims) or any(
+                isinstance(d, int) and d != s for d, s in zip(spec.dims, shape))):
+            raise InputError(f"--shape {name}={'x'.join(map(str, shape)) or 'scalar'}: the input is {spec.describe()}")
+
+
 def check_dims(model: Model, dims: dict[str, int]) -> None:
     """Refuse a size for a dimension no input has, or a size below 1: a typo would otherwise be
     ignored and the generated inputs keep their default sizes."""
@@ -222,4 +235,4 @@ def feeds_from(data: Any) -> list[dict[str, np.ndarray]] | None:
     return list(source) if source is not None else None
 
 
-__all__ = ["OptimizeResult", "optimize", "optimize_file", "inspect", "check_model", "check_dims", "feeds_from"]
+__all__ = ["OptimizeResult", "optimize", "optimize_file", "inspect", "check_model", "check_dims", "check_shapes", "feeds_from"]

@@ -72,6 +72,33 @@ def _dims(items: list[str]) -> dict[str, int]:
     return dims
 
 
+SHAPE_HELP = ("Whole shape of one input in generated inputs, NAME=1x512 (any axis, named or not; NAME=scalar "
+              "for a 0-d input); repeatable. The model keeps its own shape.")
+
+
+def _shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
+    """--shape NAME=AxBxC options as {NAME: (A, B, C)}; `scalar` (or nothing) is a 0-d input."""
+    shapes = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        sizes = [] if text.strip().lower() in ("", "scalar") else text.lower().split("x")
+        if not name or not all(size.isdigit() for size in sizes):
+            raise InputError(f"--shape {item!r}: expected NAME=AxBxC with whole numbers, e.g. input=1x512, or NAME=scalar")
+        shapes[name] = tuple(int(size) for size in sizes)
+    return shapes
+
+
+def _carry(items: list[str]) -> dict[str, str]:
+    """--carry-state OUTPUT=INPUT options as {OUTPUT: INPUT}."""
+    pairs = {}
+    for item in items:
+        output, _, input_name = item.partition("=")
+        if not output or not input_name:
+            raise InputError(f"--carry-state {item!r}: expected OUTPUT=INPUT, e.g. stateN=state")
+        pairs[output] = input_name
+    return pairs
+
+
 GATE_METRIC_HELP = ("Gate: the task metric --max-drop holds, MODULE:FUNCTION or FILE.py:FUNCTION. "
                     "FUNCTION(outputs, labels) -> float, higher is better: outputs is a list with one "
                     "{output name: numpy array} per evaluation sample, labels the evaluation data's `labels` "
@@ -80,11 +107,19 @@ GATE_METRIC_HELP = ("Gate: the task metric --max-drop holds, MODULE:FUNCTION or 
 # Options that `optimize` and `registry optimize` share, declared once so the two cannot drift apart.
 PipelineOpt = Annotated[Optional[str], typer.Option("--pipeline", "-p", help="Pipeline spec text or a .yaml/.json file.")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="A named pipeline (see `onnxcomp passes --presets`).")]
-CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Calibration data: .npz or an image folder.")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option(
+    "--calibration", help="Calibration data: .npz (one array per input, samples on axis 0; or sample_0/NAME keys), "
+                          "a folder of .npz/.npy files, or an image folder. A lossy pipeline holds half of it out "
+                          "for the accuracy gate unless --evaluation is given.")]
 PreprocessOpt = Annotated[Optional[str], typer.Option("--preprocess",
                                                       help="For image folders, e.g. size=320x240,mean=127,std=128.")]
 ProvidersOpt = Annotated[str, typer.Option("--providers", help="Execution providers to validate on, e.g. cpu,cuda.")]
 DimOpt = Annotated[list[str], typer.Option("--dim", help=DIM_HELP)]
+ShapeOpt = Annotated[list[str], typer.Option("--shape", help=SHAPE_HELP)]
+CarryOpt = Annotated[list[str], typer.Option("--carry-state", help="A stateful model: feed output OUTPUT of one sample "
+                                                                    "to input INPUT of the next, OUTPUT=INPUT; repeatable.")]
+NoGateOpt = Annotated[bool, typer.Option("--no-gate", help="Run a lossy pipeline unchecked: the report and the "
+                                                           "model's metadata say NOT VALIDATED.")]
 AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Gate: max absolute output error vs the input model.")]
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance for lossy passes.")]
 MinCosineOpt = Annotated[Optional[float], typer.Option("--min-cosine", help="Gate: minimum output cosine vs the input model.")]
@@ -105,7 +140,8 @@ def _gate(max_drop: float | None, min_cosine: float | None, atol: float | None, 
         if max_drop is None:
             raise SpecError("--gate-metric gives the metric that --max-drop holds: give --max-drop POINTS too")
         metric = load_metric(gate_metric)
-    return Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget, metric=metric)
+    gate = Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget, metric=metric)
+    return gate if gate.active else Gate.default(budget=budget)  # the default gate holds every lossy run
 
 
 def _onto_input(output: Path, source: Path) -> bool:
@@ -153,12 +189,17 @@ def optimize(
     on_failure: str = typer.Option("stop", "--on-failure", help="After a pass fails verification: stop or continue."),
     providers: ProvidersOpt = "cpu",
     dim: DimOpt = [],
+    shape: ShapeOpt = [],
+    carry_state: CarryOpt = [],
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     min_cosine: MinCosineOpt = None,
     max_drop: MaxDropOpt = None,
     gate_metric: GateMetricOpt = None,
     budget: BudgetOpt = 6,
+    no_gate: NoGateOpt = False,
+    keep_failed: Optional[Path] = typer.Option(None, "--keep-failed", help="When the gate cannot be met, write the "
+                                               "attempt nearest it here (the exit code is still 1)."),
     report: list[Path] = typer.Option([], "--report", help="Write the report: .html (a page with plots) or .json; repeatable."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input file (only once complete)."),
@@ -188,18 +229,18 @@ def optimize(
     model = models[0]
     if not batch:
         _check_output_path(output, model, force)
-    from onnxcomp.presets import NEEDS_GATE
-
-    if preset in NEEDS_GATE and max_drop is None and min_cosine is None and atol is None:
-        raise SpecError(f"--preset {preset} searches for the smallest model within a tolerance: "
-                        "give --max-drop, --min-cosine or --atol")
+    if no_gate and any(option is not None for option in (max_drop, min_cosine, atol, gate_metric)):
+        raise SpecError("--no-gate turns the accuracy gate off: drop --max-drop/--min-cosine/--atol/--gate-metric, or --no-gate")
+    if keep_failed is not None and not batch:
+        _check_output_path(keep_failed, model, force)
     spec = Pipeline.parse(pipeline if pipeline is not None else preset_spec(preset),
                           verify_each=verify_each, on_failure=on_failure)
     if require_speedup:
         spec.passes = [p.with_params(require_speedup=True) if p.name == "quantize" else p for p in spec.passes]
     options = dict(calibration=calibration, providers=providers, evaluation=evaluation, preprocess=preprocess,
                    verify_each=verify_each, on_failure=on_failure, tolerance=_tolerance(atol, rtol, min_cosine),
-                   check=check, gate=_gate(max_drop, min_cosine, atol, budget, gate_metric), dims=dims)
+                   check=check, gate=False if no_gate else _gate(max_drop, min_cosine, atol, budget, gate_metric),
+                   dims=dims, shapes=_shapes(shape), carry_state=_carry(carry_state))
     if batch:
         _optimize_many(models, output, spec, options, force, jobs, ray, summary, report, as_json)
         return
@@ -208,7 +249,8 @@ def optimize(
             status.update(f"[{fraction:4.0%}] {step}")
 
         try:
-            result = optimize_file(model, output, spec, force=force, progress=progress, **options)
+            result = optimize_file(model, output, spec, force=force, progress=progress, keep_failed=keep_failed,
+                                   **options)
         except GateFailed as exc:  # outside tolerance: the JSON report still says why
             for path in report:
                 if path.suffix != ".html" and getattr(exc, "report", None) is not None:
@@ -223,7 +265,7 @@ def optimize(
             source = load(model)
             with err.status("writing the HTML report (timing both models)…"):
                 write_html(path, result.report, source, result.model, providers.split(","),
-                           generate_inputs(source, 1, dims=dims)[0])
+                           generate_inputs(source, 1, dims=dims, shapes=_shapes(shape))[0])
         else:
             result.report.write(path)
     if as_json:
@@ -234,15 +276,14 @@ def optimize(
             for step in result.report.gate["path"]:
                 if "action" in step:
                     out.print(f"gate: {step['reason']} -> {step['action']}", markup=False)
-            out.print(f"gate ({escape(result.report.gate['gate'])}): [green]passed[/] with "
-                      + escape(result.report.gate["path"][-1]["pipeline"]))
         for note in result.report.notes:
             out.print(f"note: {note}", markup=False)
-        if result.report.validation:
-            passed = result.report.validation["passed"]
-            verdict = ("[green]within tolerance" if passed else "[red]OUTSIDE tolerance") if passed is not None \
-                else "[yellow]not gated"
-            out.print(f"validation on ORT: {verdict}[/] — {escape(result.report.validation['summary'])}")
+        validation = result.report.validation
+        if validation:
+            colour = {True: "green", False: "red", None: "yellow"}[validation["passed"]]
+            judged = f" ({escape(validation['gate'])})" if validation.get("gate") else ""
+            out.print(f"validation on ORT: [{colour}]{escape(validation['verdict'])}[/]{judged} on "
+                      f"{escape(validation['data'])} — {escape(validation['summary'])}")
         out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
 
 
@@ -534,14 +575,12 @@ def registry_optimize(
     """Compress a registered ONNX model version under the gate and register the result as a new version."""
     from onnxcomp.mlflow_registry import optimize_version, require_mlflow
     from onnxcomp.pipeline import Pipeline
-    from onnxcomp.presets import NEEDS_GATE, preset_spec
+    from onnxcomp.presets import preset_spec
 
     require_mlflow()  # before any work: one line saying how to install it
     if (pipeline is None) == (preset is None):
         raise SpecError("give exactly one of --pipeline or --preset")
     dims = _dims(dim)
-    if preset in NEEDS_GATE and max_drop is None and min_cosine is None and atol is None:
-        raise SpecError(f"--preset {preset} needs a tolerance: give --max-drop, --min-cosine or --atol")
     spec = Pipeline.parse(pipeline if pipeline is not None else preset_spec(preset))
     with err.status("loading…") as status:
         result = optimize_version(tracking_uri, model, version, spec, target_name=target_name, experiment=experiment,
@@ -565,9 +604,12 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    command = typer.main.get_command(app)
+    """Run the CLI and exit: 0, 1 (outside tolerance), 2 (a user error: one line), 3 (a bug:
+    one line), 130 (interrupted). The console script enters through onnxcomp.entry, which
+    covers a Ctrl-C while this module imports; everything from here on is inside the try."""
     try:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        command = typer.main.get_command(app)
         code = command.main(args=argv, prog_name="onnxcomp", standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C (and our SIGTERM) into a returned 130
             _error("interrupted; no output was written")
@@ -585,9 +627,16 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug: still one line unless debugging
         if os.environ.get("ONNXCOMP_DEBUG"):
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        _error(f"internal error: {type(exc).__name__}: {first} (set ONNXCOMP_DEBUG=1 for a traceback)")
-        code = 3
+        from onnxcomp.errors import user_error
+
+        known = user_error(exc)  # an OSError, MemoryError... a user can act on: one line, exit 2
+        if known is not None:
+            _error(str(known))
+            code = known.exit_code
+        else:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _error(f"internal error: {type(exc).__name__}: {first} (set ONNXCOMP_DEBUG=1 for a traceback)")
+            code = 3
     sys.exit(code if isinstance(code, int) else 0)
 
 

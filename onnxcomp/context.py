@@ -42,6 +42,7 @@ class PassContext:
     tolerance: Tolerance = field(default_factory=Tolerance)
     seed: int = 0
     dims: dict[str, int] = field(default_factory=dict)  # sizes of symbolic input dims for generated inputs
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # whole input shapes for generated inputs
     progress: Callable[[str, float], None] | None = None
     input_model: Any = None  # the Model before the pipeline's first pass, kept for passes that need it
     notes: list[str] = field(default_factory=list)

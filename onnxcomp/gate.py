@@ -2,6 +2,13 @@
 the gate, find that pass (bisection over the pipeline's snapshots), back off its strength and
 retry, within a budget. The path taken goes into the report.
 
+The default gate (`Gate.default()`, on for every lossy pipeline unless the user gives another or
+says --no-gate): every output's cosine against the input model >= 0.99 on the held-out data, and
+on outputs that are score maps (probabilities, most of them near 0 or 1: detection scores, text
+maps, softmax classes) the decisions agree: the Dice overlap of the minority decisions (p > 0.5 where
+that is rare, else p <= 0.5), per channel, pooled, >= 0.9. The cosine alone is no gate for a score
+map: a face detector that found no face kept a score cosine of 0.9993.
+
 Gate kinds: `max_drop` (task metric drop in percentage points — top-1 accuracy against labels by
 default, or the user's metric function: fn(outputs, labels) -> float, higher is better, where
 outputs holds one {output name: array} per evaluation sample and labels is the evaluation data's
@@ -24,6 +31,8 @@ import numpy as np
 from onnxcomp.errors import InputError
 
 LABELS_KEY = "labels"
+DEFAULT_MIN_COSINE = 0.99
+DEFAULT_MIN_SCORE_AGREEMENT = 0.9
 
 
 @dataclass
@@ -31,21 +40,29 @@ class Gate:
     max_drop: float | None = None  # percentage points of the task metric (0.5 = half a point)
     min_cosine: float | None = None
     atol: float | None = None
+    min_score_agreement: float | None = None  # Dice of the decisions on score-map outputs
     metric: Callable[[list[dict[str, np.ndarray]], np.ndarray], float] | None = None
     budget: int = 6  # retries after the first run
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.max_drop, self.min_cosine, self.atol))
+        return any(v is not None for v in (self.max_drop, self.min_cosine, self.atol, self.min_score_agreement))
+
+    @classmethod
+    def default(cls, budget: int = 6) -> Gate:
+        """The gate every lossy pipeline gets unless told otherwise (module docstring)."""
+        return cls(min_cosine=DEFAULT_MIN_COSINE, min_score_agreement=DEFAULT_MIN_SCORE_AGREEMENT, budget=budget)
 
     def describe(self) -> str:
         parts = []
         if self.max_drop is not None:
             parts.append(f"metric drop <= {self.max_drop} points")
         if self.min_cosine is not None:
-            parts.append(f"cosine >= {self.min_cosine}")
+            parts.append(f"cosine >= {self.min_cosine} per output")
         if self.atol is not None:
             parts.append(f"max abs <= {self.atol}")
+        if self.min_score_agreement is not None:
+            parts.append(f"score-map decisions agree >= {self.min_score_agreement}")
         return ", ".join(parts)
 
 
@@ -143,7 +160,7 @@ class GateChecker:
         from onnxcomp.runtime import make_session, run
 
         session = make_session(model, "cpu", threads=None)
-        return [run(session, feed) for feed in self.feeds]
+        return [_flat(run(session, feed)) for feed in self.feeds]
 
     def _metric(self, outputs) -> float | None:
         if self.gate.max_drop is None:
@@ -163,7 +180,7 @@ class GateChecker:
         from onnxcomp.validate import compare_arrays
 
         outputs = self._outputs(candidate)
-        figures: dict[str, float] = {}
+        figures: dict[str, Any] = {"samples": len(self.feeds)}
         reasons = []
         if self.gate.max_drop is not None:
             value = self._metric(outputs)
@@ -171,18 +188,101 @@ class GateChecker:
             figures.update(metric=value, reference_metric=self.reference_metric, drop_points=drop)
             if drop > self.gate.max_drop:
                 reasons.append(f"metric {value:.4f} vs {self.reference_metric:.4f} (drop {drop:.2f} points)")
-        if self.gate.min_cosine is not None or self.gate.atol is not None:
-            tol = Tolerance(atol=self.gate.atol if self.gate.atol is not None else float("inf"), rtol=0.0)
-            worst_cos, worst_abs = 1.0, 0.0
+        if self.gate.min_cosine is not None or self.gate.atol is not None or self.gate.min_score_agreement is not None:
+            tol = Tolerance(atol=float("inf"), rtol=0.0)
+            per_output = {}
             for name in self.reference_outputs[0]:
-                result = compare_arrays(name, [o[name] for o in self.reference_outputs], [o[name] for o in outputs], tol)
-                worst_cos, worst_abs = min(worst_cos, result.cosine), max(worst_abs, result.max_abs)
-            figures.update(cosine=worst_cos, max_abs=worst_abs)
-            if self.gate.min_cosine is not None and worst_cos < self.gate.min_cosine:
-                reasons.append(f"cosine {worst_cos:.6f} < {self.gate.min_cosine}")
-            if self.gate.atol is not None and worst_abs > self.gate.atol:
-                reasons.append(f"max abs {worst_abs:.3g} > {self.gate.atol}")
+                ref = [o[name] for o in self.reference_outputs]
+                cand = [o.get(name) for o in outputs]
+                if any(c is None for c in cand):
+                    per_output[name] = {"cosine": 0.0, "max_abs": float("inf")}
+                    reasons.append(f"output {name!r} is missing")
+                    continue
+                result = compare_arrays(name, ref, cand, tol)
+                figures_of = {"cosine": result.cosine, "max_abs": result.max_abs}
+                if not result.shape_ok:
+                    reasons.append(f"output {name!r}: {result.reason}")
+                agreement = score_agreement(ref, cand)
+                if agreement is not None:
+                    figures_of["score_agreement"] = agreement
+                per_output[name] = figures_of
+            figures["per_output"] = per_output
+            figures["cosine"] = min((f["cosine"] for f in per_output.values()), default=1.0)
+            figures["max_abs"] = max((f["max_abs"] for f in per_output.values()), default=0.0)
+            agreements = [f["score_agreement"] for f in per_output.values() if "score_agreement" in f]
+            if agreements:
+                figures["score_agreement"] = min(agreements)
+            for name, f in per_output.items():
+                if self.gate.min_cosine is not None and f["cosine"] < self.gate.min_cosine:
+                    reasons.append(f"output {name!r} cosine {f['cosine']:.4f} < {self.gate.min_cosine}")
+                if self.gate.atol is not None and f["max_abs"] > self.gate.atol:
+                    reasons.append(f"output {name!r} max abs {f['max_abs']:.3g} > {self.gate.atol}")
+                if self.gate.min_score_agreement is not None and \
+                        f.get("score_agreement", 1.0) < self.gate.min_score_agreement:
+                    reasons.append(f"output {name!r} score decisions agree {f['score_agreement']:.4f} "
+                                   f"< {self.gate.min_score_agreement}")
         return Verdict(not reasons, figures, "; ".join(reasons))
+
+
+def describe_figures(figures: dict[str, Any]) -> str:
+    """One line of a verdict's figures, output by output: the same words in the CLI and report."""
+    parts = []
+    if "metric" in figures:
+        parts.append(f"metric {figures['metric']:.4f} (input model {figures['reference_metric']:.4f}, "
+                     f"drop {figures['drop_points']:.2f} points)")
+    for name, f in figures.get("per_output", {}).items():
+        text = f"{name}: cosine {f['cosine']:.4f}, max abs {f['max_abs']:.3g}"
+        if "score_agreement" in f:
+            text += f", score decisions agree {f['score_agreement']:.4f}"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _flat(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Outputs as arrays: a sequence output becomes one entry per element plus its length."""
+    flat = {}
+    for name, value in outputs.items():
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                flat[f"{name}[{i}]"] = np.asarray(item)
+            flat[f"{name}.length"] = np.array(len(value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def is_score_map(values: list[np.ndarray]) -> bool:
+    """Probabilities, mostly decided: every value in [0, 1], at most 20 % of them in (0.1, 0.9),
+    and both sides of 0.5 present (a box-coordinate output spreads over [0, 1] and is no score)."""
+    if not values or values[0].dtype.kind != "f" or values[0].ndim < 1:
+        return False
+    flat = np.concatenate([v.ravel() for v in values]).astype(np.float64)
+    if flat.size < 2 or not np.all(np.isfinite(flat)) or flat.min() < 0 or flat.max() > 1:
+        return False
+    undecided = np.mean((flat > 0.1) & (flat < 0.9))
+    return bool(undecided <= 0.2 and np.any(flat > 0.5) and np.any(flat <= 0.5))
+
+
+def score_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:
+    """Dice overlap of the decisions on a score map (None when the output is no score map).
+
+    Per channel (axis 1 of a 4-d map, else a last axis of at most 16), the rarer decision of the
+    reference (p > 0.5 where that is the minority, else p <= 0.5) is compared with the same
+    decision of the candidate; the overlaps of all channels and samples are pooled."""
+    if not is_score_map(reference) or any(c.shape != r.shape for r, c in zip(reference, candidate)):
+        return None
+    overlap = total = 0
+    shape = reference[0].shape
+    axis = 1 if len(shape) == 4 else (len(shape) - 1 if len(shape) >= 2 and shape[-1] <= 16 else None)
+    channels = shape[axis] if axis is not None else 1
+    for channel in range(channels):
+        ref = np.concatenate([(np.take(r, channel, axis) if axis is not None else r).ravel() for r in reference])
+        cand = np.concatenate([(np.take(c, channel, axis) if axis is not None else c).ravel() for c in candidate])
+        positive = np.mean(ref > 0.5) <= 0.5
+        a, b = (ref > 0.5, cand > 0.5) if positive else (ref <= 0.5, cand <= 0.5)
+        overlap += 2 * int(np.count_nonzero(a & b))
+        total += int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return overlap / total if total else 1.0
 
 
 def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[dict[str, Any]]]:
@@ -196,6 +296,7 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
 
     passes = list(pipeline.passes)
     path: list[dict[str, Any]] = []
+    best = None  # (closeness, model) of the attempt nearest the gate: --keep-failed writes it
     for attempt in range(checker.gate.budget + 1):
         snapshots = []
         trial = Pipeline(passes, verify_each=pipeline.verify_each, on_failure=pipeline.on_failure)
@@ -205,6 +306,9 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
         path.append(step)
         if verdict.passed:
             return result, path
+        closeness = (-verdict.figures.get("drop_points", 0.0), verdict.figures.get("cosine", 1.0))
+        if best is None or closeness > best[0]:
+            best = (closeness, result.model)
         culprit = _first_failing(checker, passes, snapshots)
         step["culprit"] = str(passes[culprit])
         weaker = passes[culprit].backoff()
@@ -216,9 +320,12 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
             step["action"] = f"backed off {passes[culprit]} -> {weaker}"
             passes = passes[:culprit] + [weaker] + passes[culprit + 1:]
         ctx.invalidate()
-    error = GateFailed(f"the gate ({checker.gate.describe()}) still fails after {checker.gate.budget} retries: "
-                       f"{path[-1].get('reason', '')}")
+    last = path[-1]
+    error = GateFailed(f"the gate ({checker.gate.describe()}, on {len(checker.feeds)} held-out samples) still fails "
+                       f"after {checker.gate.budget} back-offs, at pass {last.get('culprit', '?')}: "
+                       f"{last.get('reason', '')}")
     error.path = path  # type: ignore[attr-defined]
+    error.best_model = best[1] if best else None  # type: ignore[attr-defined]
     raise error
 
 

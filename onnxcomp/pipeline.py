@@ -112,7 +112,7 @@ class Pipeline:
 
                 if feeds is None:
                     feeds = list(ctx.evaluation) if ctx.evaluation else \
-                        generate_inputs(snapshot, 2, seed=ctx.seed, dims=ctx.dims)
+                        generate_inputs(snapshot, 2, seed=ctx.seed, dims=ctx.dims, shapes=ctx.shapes)
                 tol = Tolerance.exact() if pass_.exact else LOSSLESS_TOLERANCE if pass_.lossless else ctx.tolerance
                 check = validate(snapshot, model, feeds, ctx.providers, tol)
                 record.verification = ("verified" if check.passed else "FAILED: " + check.worst()) \

@@ -15,10 +15,8 @@ PRESETS: dict[str, tuple[str, str]] = {
                          "Hessian pruning + 4-bit k-means codebooks + entropy coding (needs --calibration; "
                          "write .onnxc)"),
     "max": ("fold, cleanup, fuse, prune(sparsity=0.95, scope=global, saliency=hessian), codebook(bits=3), entropy",
-            "the most aggressive start, backed off by the accuracy gate until it holds "
-            "(needs --calibration and --max-drop/--min-cosine/--atol)"),
+            "the most aggressive start, backed off by the accuracy gate until it holds (needs --calibration)"),
 }
-NEEDS_GATE = {"max"}
 
 
 def preset_spec(name: str) -> str:

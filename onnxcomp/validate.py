@@ -39,21 +39,23 @@ def _input_specs(proto: onnx.ModelProto) -> list[tuple[str, int, list]]:
     return specs
 
 
-def generate_inputs(model, count: int = 1, seed: int = 0, dims: dict[str, int] | None = None) -> list[dict[str, np.ndarray]]:
+def generate_inputs(model, count: int = 1, seed: int = 0, dims: dict[str, int] | None = None,
+                    shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, np.ndarray]]:
     """Feeds built from the declared inputs: floats ~ N(0, 1), integers in [0, 2), bools random.
 
-    A dynamic dimension gets its size from `dims` (by name), else 1 on axis 0 and 32 elsewhere.
+    An input named in `shapes` takes that whole shape (any axis, named or not); otherwise a
+    dynamic dimension gets its size from `dims` (by name), else 1 on axis 0 and 32 elsewhere.
     Small integers keep index-like inputs (token ids, gather indices) in range.
     """
     proto = model.to_proto() if isinstance(model, Model) else model
     rng = np.random.default_rng(seed)
-    dims = dims or {}
+    dims, shapes = dims or {}, shapes or {}
     feeds = []
     for _ in range(count):
         feed = {}
         for name, elem_type, shape in _input_specs(proto):
-            size = []
-            for axis, d in enumerate(shape):
+            size = [] if name not in shapes else list(shapes[name])
+            for axis, d in enumerate(shape if name not in shapes else ()):
                 if isinstance(d, int) and d > 0:
                     size.append(d)
                 elif isinstance(d, str) and d in dims:
@@ -204,7 +206,8 @@ def validate(reference, candidate, inputs: Iterable[dict[str, np.ndarray]] | str
              providers: str | list[str] | None = None, tolerance: Tolerance | None = None,
              per_output: dict[str, Tolerance] | None = None, samples: int = 2,
              dims: dict[str, int] | None = None, provider_tolerance: dict[str, Tolerance] | None = None,
-             reference_outputs: dict[str, dict[str, list[np.ndarray]]] | None = None) -> ValidationReport:
+             reference_outputs: dict[str, dict[str, list[np.ndarray]]] | None = None,
+             shapes: dict[str, tuple[int, ...]] | None = None) -> ValidationReport:
     """Compare `candidate` against `reference` on every provider; see module docstring.
 
     `provider_tolerance` overrides `tolerance` per EP (GPU math is not bit-identical to CPU).
@@ -218,7 +221,7 @@ def validate(reference, candidate, inputs: Iterable[dict[str, np.ndarray]] | str
         inputs = CalibrationData.from_source(inputs)
     tolerance = tolerance or Tolerance()
     try:
-        feeds = list(inputs) if inputs is not None else generate_inputs(ref_proto, samples, dims=dims)
+        feeds = list(inputs) if inputs is not None else generate_inputs(ref_proto, samples, dims=dims, shapes=shapes)
     except InputError as exc:
         return ValidationReport([ProviderComparison(p, skipped=str(exc)) for p in parse_providers(providers)], 0)
     results = []
