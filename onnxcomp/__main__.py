@@ -1,5 +1,5 @@
-"""`python -m onnxcomp` runs the CLI."""
+"""`python -m onnxcomp` runs the CLI (through the same entry function as the console script)."""
 
-from onnxcomp.cli import main
+from onnxcomp.entry import main
 
 main()

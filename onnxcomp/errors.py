@@ -33,3 +33,20 @@ class GateFailed(OnnxcompError):
     """The result is outside the tolerance the user asked for."""
 
     exit_code = 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'PATH: REASON' for an OSError, e.g. "/mnt/ro/out.onnx: Read-only file system"."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = exc.filename if exc.filename is not None else None
+    return f"{where}: {reason}" if where is not None else reason
+
+
+def user_error(exc: BaseException) -> OnnxcompError | None:
+    """The one-line error for an exception that escaped as a bug but that a user can act on
+    (an OSError that names a file: read-only file system, permission denied, disk full...);
+    None for anything else. The CLI's last resort: code that writes or reads a file the user
+    named raises OutputError / InputError itself, with what it was doing."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return OnnxcompError(describe_os_error(exc))
+    return None
