@@ -40,6 +40,8 @@ class WeightLayer:
 
     weight: gs.Constant
     nodes: list[gs.Node] = field(default_factory=list)
+    scope: str = ""  # "" in the main graph, else the subgraph's path (onnxcomp.subgraphs)
+    stacked: bool = False  # inside a Loop/Scan body: its inputs are captured stacked per iteration
 
     @property
     def name(self) -> str:
@@ -59,7 +61,7 @@ class WeightLayer:
 
     @property
     def supports_hessian(self) -> bool:
-        return self.op in HESSIAN_OPS
+        return self.op in HESSIAN_OPS and not self.stacked
 
     # The weight as [groups, rows, cols]: rows = outputs, cols = inputs, channel fastest.
     def to_rows(self, w: np.ndarray) -> np.ndarray:
@@ -124,28 +126,37 @@ def _weight_slot(node: gs.Node) -> int:
 
 
 def find_weight_layers(model, ops: Iterable[str] = WEIGHT_OPS, include: Iterable[str] = (),
-                       exclude: Iterable[str] = (), min_params: int = 0) -> list[WeightLayer]:
+                       exclude: Iterable[str] = (), min_params: int = 0, subgraphs: bool = False) -> list[WeightLayer]:
     """Prunable weights: float Constants used only as the weight input of the given ops.
 
     An initializer that also feeds anything else (a Gather of tied embeddings, a Shape, a bias
-    slot) is left alone; one shared by several weight slots is one layer (handled once).
+    slot, a node inside a subgraph) is left alone; one shared by several weight slots is one
+    layer (handled once). `subgraphs=True` also finds the weights of nodes inside If branches
+    and Loop/Scan bodies (nested too); subgraph Constants sharing a name are renamed apart first.
     """
+    from onnxcomp import subgraphs as sg
+
     ops = tuple(ops)
     include, exclude = tuple(include), tuple(exclude)
     graph = model.graph
-    users: dict[str, list[tuple[gs.Node, int]]] = {}
-    for node in graph.nodes:
-        for slot, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant):
-                users.setdefault(tensor.name, []).append((node, slot))
-    outputs = {t.name for t in graph.outputs}
+    if subgraphs:
+        sg.unique_weight_names(graph)
+    all_scopes = sg.scopes(graph)
+    walk = [(sc, n) for sc in (all_scopes if subgraphs else all_scopes[:1]) for n in sc.graph.nodes]
+    users: dict[int, list[tuple[gs.Node, int]]] = {}
+    for sc in all_scopes:  # every reader counts, wherever it is
+        for node in sc.graph.nodes:
+            for slot, tensor in enumerate(node.inputs):
+                if isinstance(tensor, gs.Constant):
+                    users.setdefault(id(tensor), []).append((node, slot))
+    outputs = {id(t) for sc in all_scopes for t in sc.graph.outputs}
     layers: list[WeightLayer] = []
-    seen: set[str] = set()
-    for node in graph.nodes:
+    seen: set[int] = set()
+    for scope, node in walk:
         if node.op not in ops or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
         weight = node.inputs[_weight_slot(node)]
-        if not isinstance(weight, gs.Constant) or weight.name in seen or weight.name in outputs:
+        if not isinstance(weight, gs.Constant) or id(weight) in seen or id(weight) in outputs:
             continue
         values = weight.values
         if not np.issubdtype(values.dtype, np.floating) or values.size == 0:
@@ -156,12 +167,12 @@ def find_weight_layers(model, ops: Iterable[str] = WEIGHT_OPS, include: Iterable
             continue
         if node.op in ("Conv", "ConvTranspose") and values.ndim < 3:
             continue
-        uses = users.get(weight.name, [])
+        uses = users.get(id(weight), [])
         if any(u.op != node.op or s != 1 for u, s in uses):
             continue
         if node.op == "Gemm" and len({u.attrs.get("transB", 0) for u, _ in uses}) > 1:
             continue
-        seen.add(weight.name)
+        seen.add(id(weight))
         names = [weight.name] + [u.name for u, _ in uses]
         if include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in include):
             continue
@@ -169,7 +180,7 @@ def find_weight_layers(model, ops: Iterable[str] = WEIGHT_OPS, include: Iterable
             continue
         if values.size < min_params:
             continue
-        layers.append(WeightLayer(weight, [u for u, _ in uses]))
+        layers.append(WeightLayer(weight, [u for u, _ in uses], scope.path, scope.in_loop))
     return layers
 
 
@@ -305,6 +316,8 @@ def layer_hessians(model, layers: list[WeightLayer], feeds: Iterable[dict[str, n
                                                    threads=threads, typed=False)):
         for key, (layer, node) in keyed.items():
             name = node.inputs[0].name
+            if name not in graph_inputs and name not in values:
+                continue  # inside an If branch that did not run on this feed
             x = np.asarray(feed[name] if name in graph_inputs else values[name], dtype=np.float32)
             cols = im2col(x, node, tuple(layer.weight.shape[2:]), layer.groups, seed=batch) \
                 if layer.op == "Conv" else layer.columns(node, x)

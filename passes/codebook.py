@@ -8,7 +8,8 @@ the weight's min and max, which keeps the rare large weights represented; a cent
 without weights is moved to split the worst cluster. The model stays a
 plain ONNX model that ORT runs (it folds Cast+Gather of constants at load); the uint8 index
 tensors are what the entropy coder compresses afterwards. Zero weights stay exactly zero
-(pruned sparsity survives) when `keep_zero` is on.
+(pruned sparsity survives) when `keep_zero` is on. Weights inside If branches and Loop/Scan
+bodies (nested too) are clustered as well; their decoding nodes go into the graph that reads them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.quant.qdq import NodeBuilder
 from onnxcomp.registry import register
+from onnxcomp.subgraphs import NameSpace, node_scopes
 
 WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1, "Gather": 0}  # Gather: embedding tables
 
@@ -94,11 +96,13 @@ class Codebook(Pass):
     def run(self, model, ctx) -> PassResult:
         cfg = self.config
         graph = model.graph
-        build = NodeBuilder(graph, "codebook")
-        done: dict[str, gs.Variable] = {}
+        names = NameSpace(graph)
+        builders: dict[int, NodeBuilder] = {}
+        done: dict[tuple[int, int], gs.Variable] = {}  # (weight, graph) -> decoded tensor in that graph
         stats = {"layers": 0, "weights": 0, "bytes_before": 0, "bytes_after": 0, "relative_error": 0.0}
+        per_subgraph: dict[str, int] = {}
         err_num = err_den = 0.0
-        for node in list(graph.nodes):
+        for scope, node in node_scopes(graph):
             index = WEIGHT_INPUT.get(node.op)
             if node.op not in cfg.ops or index is None or len(node.inputs) <= index:
                 continue
@@ -109,10 +113,12 @@ class Codebook(Pass):
                 continue  # only lookup tables (rank 2, looked up by run-time ids), never a codebook itself
             if any(fnmatch.fnmatchcase(node.name or "", p) or fnmatch.fnmatchcase(w.name, p) for p in cfg.exclude):
                 continue
-            if w.name not in done and not np.isfinite(w.values).all():  # no shared value can stand for NaN/Inf
+            key = (id(w), id(scope.graph))  # the decoding nodes live in the graph that reads the weight
+            if key not in done and not np.isfinite(w.values).all():  # no shared value can stand for NaN/Inf
                 stats["skipped_nan_inf"] = stats.get("skipped_nan_inf", 0) + 1
                 continue
-            if w.name not in done:
+            if key not in done:
+                build = builders.setdefault(id(scope.graph), NodeBuilder(scope.graph, "codebook", names.taken))
                 values = np.asarray(w.values, np.float32)
                 centroids, indices = kmeans_1d(values, 2**cfg.bits, cfg.iterations, cfg.keep_zero)
                 idx = build.const(f"{w.name}_codebook_indices", indices)
@@ -121,7 +127,7 @@ class Codebook(Pass):
                 build.node("Cast", [idx], [idx32], {"to": 6}, base=f"{w.name}_codebook_Cast")
                 out = gs.Variable(build.unique(f"{w.name}_shared"), dtype=np.float32, shape=list(values.shape))
                 build.node("Gather", [book, idx32], [out], {"axis": 0}, base=f"{w.name}_codebook_Gather")
-                done[w.name] = out
+                done[key] = out
                 recon = centroids[indices]
                 err_num += float(np.sum((recon.astype(np.float64) - values) ** 2))
                 err_den += float(np.sum(values.astype(np.float64) ** 2))
@@ -129,10 +135,15 @@ class Codebook(Pass):
                 stats["bytes_before"] += int(values.nbytes)
                 stats["bytes_after"] += int(indices.nbytes + centroids.nbytes)
                 stats["layers"] += 1
-            node.inputs[index] = done[w.name]
+                if scope.path:
+                    per_subgraph[scope.path] = per_subgraph.get(scope.path, 0) + 1
+            node.inputs[index] = done[key]
         if not done:
             return PassResult(False, {"layers": 0})
         stats["relative_error"] = err_num / err_den if err_den else 0.0
         stats["index_bits"] = cfg.bits
+        if per_subgraph:
+            stats["subgraph_layers"] = sum(per_subgraph.values())
+            stats["per_subgraph"] = per_subgraph
         graph.cleanup().toposort()
         return PassResult(True, stats)

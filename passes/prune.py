@@ -116,8 +116,9 @@ class Prune(Pass):
 
     def run(self, model, ctx) -> PassResult:
         cfg = self.config
+        self._uncalibrated: list[str] = []
         n, m = parse_pattern(cfg.pattern)
-        layers = hs.find_weight_layers(model, cfg.ops, cfg.include, cfg.exclude, cfg.min_params)
+        layers = hs.find_weight_layers(model, cfg.ops, cfg.include, cfg.exclude, cfg.min_params, subgraphs=True)
         skipped: dict[str, str] = {}
         if m:
             for layer in list(layers):
@@ -143,7 +144,11 @@ class Prune(Pass):
                 _prune_magnitude(layer, counts.get(layer.name, 0), n, m, changed)
         fallback = [layer.name for layer in layers if hessian and not layer.supports_hessian]
         if fallback:
-            ctx.note(f"prune: {len(fallback)} ConvTranspose weight(s) pruned by magnitude (no Hessian support)")
+            ctx.note(f"prune: {len(fallback)} weight(s) pruned by magnitude (ConvTranspose, or inside a "
+                     "Loop/Scan body: no Hessian support)")
+        if self._uncalibrated:
+            ctx.note(f"prune: {len(self._uncalibrated)} subgraph weight(s) pruned by magnitude: no calibration "
+                     f"sample ran their branch ({', '.join(self._uncalibrated[:5])})")
         return _result(layers, changed, skipped, counts if not m else None)
 
     # ---- how many weights each layer loses ----------------------------------------------
@@ -153,6 +158,13 @@ class Prune(Pass):
             return {}
         if cfg.scope == "layer":
             return {layer.name: round(cfg.sparsity * layer.size) for layer in layers}
+        if cfg.scope == "auto" and any(x.scope for x in layers):
+            # measuring overrides initializers through ORT, which reaches main-graph ones only:
+            # subgraph weights get the target sparsity as they would with scope=layer
+            main = [x for x in layers if not x.scope]
+            fixed = {x.name: round(cfg.sparsity * x.size) for x in layers if x.scope}
+            ctx.note(f"prune(scope=auto): {len(fixed)} weight(s) inside subgraphs pruned at the target sparsity")
+            return {**fixed, **(self._allocate(model, ctx, main, dense_h, feeds) if main else {})}
         caps = {layer.name: int(np.floor(cfg.max_layer_sparsity * layer.size)) for layer in layers}
         if cfg.scope == "global":
             scores = {}
@@ -189,6 +201,10 @@ class Prune(Pass):
                 continue
             hessians = dense_h if dense_h else hs.layer_hessians(model, todo, feeds, cfg.samples)
             for layer in todo:
+                if layer.name not in hessians and layer.scope:  # a branch no calibration sample ran
+                    self._uncalibrated.append(layer.name)
+                    _prune_magnitude(layer, counts.get(layer.name, 0), n, m, changed)
+                    continue
                 if layer.name not in hessians:
                     raise PassError(f"no calibration activation reached {layer.name}")
                 w = np.asarray(layer.weight.values)
@@ -256,6 +272,16 @@ def _result(layers, changed: set[str], skipped, counts) -> PassResult:
         "params": total,
         "per_tensor": per_tensor,
     }
+    inside = [layer for layer in layers if layer.scope]
+    if inside:  # per subgraph: tensors pruned and the sparsity of its weights
+        stats["subgraph_tensors_pruned"] = sum(layer.name in changed for layer in inside)
+        stats["per_subgraph"] = {}
+        for scope in dict.fromkeys(layer.scope for layer in inside):
+            mine = [layer for layer in inside if layer.scope == scope]
+            size = sum(layer.size for layer in mine)
+            zero = sum(per_tensor[layer.name] * layer.size for layer in mine)
+            stats["per_subgraph"][scope] = {"tensors_pruned": sum(layer.name in changed for layer in mine),
+                                            "sparsity": round(zero / size, 6) if size else 0.0}
     if skipped:
         stats["skipped"] = skipped
     return PassResult(bool(changed), stats)

@@ -8,7 +8,11 @@ DynamicQuantizeMatMul (com.microsoft) on its CPU EP:
 mode=weight_only (no activation quantization, only smaller weights):
     bits=8: W int8 -> DequantizeLinear (per channel, opset 13; or block-wise with block_size, opset 21)
     bits=4: MatMul(A, W) -> com.microsoft MatMulNBits(A, W packed 4-bit, block scales)  (ORT CPU/CUDA)
-Models older than the opset a format needs are upgraded with onnx.version_converter (noted).
+Conv (either mode): its weight becomes int8 -> DequantizeLinear (per output channel), the Conv
+stays float: the weights shrink 4x and ORT runs it as before (ORT has no dynamic conv kernel).
+Weights inside If branches and Loop/Scan bodies (nested too) are quantized in place, in the
+graph that reads them. Models older than the opset a format needs are upgraded with
+onnx.version_converter (noted).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from onnxcomp.model import Model, upgrade_opset
 from onnxcomp.quant.placement import name_nodes
 from onnxcomp.quant.qdq import NodeBuilder, quantize_array, weight_params
 from onnxcomp.registry import register
+from onnxcomp.subgraphs import NameSpace, Scope, node_scopes
 
 
 @register
@@ -43,7 +48,7 @@ class QuantizeDynamic(Pass):
         bits: int = param(8, "weight bits (weight_only: 8 or 4)", choices=(8, 4))
         block_size: int = param(0, "weight_only: block size along K (0: per channel for 8 bits, 32 for 4)",
                                 min=0, max=4096)
-        ops: tuple[str, ...] = param(("MatMul", "Gemm"), "op types to quantize")
+        ops: tuple[str, ...] = param(("MatMul", "Gemm", "Conv"), "op types to quantize (Conv: weight-only int8)")
         exclude: tuple[str, ...] = param((), "node names or op types (fnmatch) kept in float")
         min_size: int = param(1024, "weights with fewer elements stay in float", min=0)
         reduce_range: bool | None = param(None, "7-bit weights for mode=dynamic, avoiding the int16 saturation of "
@@ -65,6 +70,8 @@ class QuantizeDynamic(Pass):
         need = 11
         if cfg.mode == "weight_only" and cfg.bits == 8:
             need = 21 if cfg.block_size else 13
+        if cfg.per_channel and any(n.op == "Conv" for _, n, _ in _targets(model.graph, cfg)):
+            need = max(need, 13)  # per-channel DequantizeLinear (axis)
         stats: dict = {}
         if model.opset < need:
             upgraded = upgrade_opset(model, need)
@@ -73,11 +80,17 @@ class QuantizeDynamic(Pass):
             model.graph, model.opset_imports, model.ir_version = (upgraded.graph, upgraded.opset_imports,
                                                                   upgraded.ir_version)
         name_nodes(model.graph)
-        targets = [(n, w, tb) for n in list(model.graph.nodes) if (hit := _target(n, cfg)) for w, tb in [hit]]
-        build = NodeBuilder(model.graph, "dq")
-        done = 0
+        names = NameSpace(model.graph)
+        builders: dict[int, NodeBuilder] = {}
+        per_subgraph: dict[str, int] = {}
+        convs: dict[tuple[int, int], gs.Variable] = {}  # (weight, graph) -> its DequantizeLinear output
+        done = conv_done = 0
         weight_bytes_before = weight_bytes_after = 0
-        for node, w, trans_b in targets:
+        for scope, node, (w, trans_b) in _targets(model.graph, cfg):
+            build = builders.setdefault(id(scope.graph), NodeBuilder(scope.graph, "dq", names.taken))
+            if node.op == "Conv" and (id(w), id(scope.graph)) in convs:  # a weight shared by several Convs
+                node.inputs[1] = convs[(id(w), id(scope.graph))]
+                continue
             stored = w._values
             values = np.asarray(w.values, np.float32)
             if isinstance(stored, LazyValues):
@@ -88,13 +101,19 @@ class QuantizeDynamic(Pass):
             if trans_b:
                 values = values.T
             weight_bytes_before += values.nbytes
-            if cfg.mode == "dynamic":
+            if node.op == "Conv":
+                nbytes, convs[(id(w), id(scope.graph))] = self._conv_weight(build, node, values)
+                weight_bytes_after += nbytes
+                conv_done += 1
+            elif cfg.mode == "dynamic":
                 weight_bytes_after += self._dynamic(build, node, values)
             elif cfg.bits == 8:
                 weight_bytes_after += self._weight_only_int8(build, node, values)
             else:
                 weight_bytes_after += self._matmul_nbits(build, node, values, model)
             done += 1
+            if scope.path:
+                per_subgraph[scope.path] = per_subgraph.get(scope.path, 0) + 1
             del values
         if done and cfg.mode == "weight_only" and cfg.bits == 4:
             model.opset_imports.setdefault("com.microsoft", 1)
@@ -102,8 +121,15 @@ class QuantizeDynamic(Pass):
         stats.update({"nodes_quantized": done, "weight_bytes_before": weight_bytes_before,
                       "weight_bytes_after": weight_bytes_after, "mode": cfg.mode, "bits": cfg.bits,
                       "quantize_s": round(time.perf_counter() - started, 3)})
+        if conv_done:
+            stats["conv_weights_quantized"] = conv_done  # weight-only int8: ORT has no dynamic conv
+        if per_subgraph:
+            stats["subgraph_nodes_quantized"] = sum(per_subgraph.values())
+            stats["per_subgraph"] = per_subgraph
         if not done:
-            ctx.note("quantize_dynamic: no MatMul/Gemm with a constant float weight to quantize")
+            stats["reason"] = (f"quantize_dynamic: nothing to quantize: no {'/'.join(cfg.ops)} node with a constant "
+                               f"float32 weight of at least {cfg.min_size} elements")
+            ctx.note(stats["reason"])
         return PassResult(done > 0, stats)
 
     # ---- rewrites ----------------------------------------------------------------------------
@@ -171,6 +197,15 @@ class QuantizeDynamic(Pass):
         self._finish(build, node, y, self._gemm_bias(node))
         return nbytes
 
+    def _conv_weight(self, build, node, w: np.ndarray) -> tuple[int, gs.Variable]:
+        """Conv(X, W) -> Conv(X, DequantizeLinear(W int8)): weight-only, per output channel."""
+        wp = weight_params(w, 0 if self.config.per_channel else None)
+        wq = build.const(f"{node.name}_W_quantized", quantize_array(w, wp))
+        out = build.dequantize(wq, wp, f"{node.name}_W")
+        out.shape = list(w.shape)
+        node.inputs[1] = out
+        return wq.values.nbytes + wp.scale.nbytes, out
+
     def _matmul_nbits(self, build, node, w: np.ndarray, model: Model) -> int:
         packed, scales, zps, bs = pack_nbits(w, self.config.block_size or 32)
         k, n = w.shape
@@ -223,9 +258,15 @@ def pack_nbits(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, 
     return packed, scale.reshape(-1), zps, block_size
 
 
+def _targets(graph: gs.Graph, cfg) -> list[tuple[Scope, gs.Node, tuple[gs.Constant, bool]]]:
+    """(scope, node, (weight, transposed)) for every node to quantize, in every graph of the model."""
+    return [(scope, n, hit) for scope, n in node_scopes(graph) if (hit := _target(n, cfg))]
+
+
 def _target(node: gs.Node, cfg) -> tuple[gs.Constant, bool] | None:
-    """(weight, transposed) when the node is a MatMul/Gemm with a constant 2-D float weight."""
-    if node.op not in cfg.ops or node.op not in ("MatMul", "Gemm") or node.domain not in ("", None):
+    """(weight, transposed) when the node is a MatMul/Gemm with a constant 2-D float weight, or a
+    Conv with a constant float weight."""
+    if node.op not in cfg.ops or node.op not in ("MatMul", "Gemm", "Conv") or node.domain not in ("", None):
         return None
     if any(fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(node.op, p) for p in cfg.exclude):
         return None
@@ -236,6 +277,9 @@ def _target(node: gs.Node, cfg) -> tuple[gs.Constant, bool] | None:
         dtype, shape = np.dtype(w.dtype), tuple(w.shape)
     except TypeError:  # a type numpy lacks (bfloat16...): graphsurgeon converts it when loading
         dtype, shape = np.dtype(w.values.dtype), w.values.shape
+    if node.op == "Conv":
+        ok = dtype == np.float32 and len(shape) >= 3 and int(np.prod(shape)) >= cfg.min_size
+        return (w, False) if ok else None
     if dtype != np.float32 or len(shape) != 2 or int(np.prod(shape)) < cfg.min_size:
         return None
     trans_b = False

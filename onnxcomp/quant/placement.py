@@ -98,18 +98,22 @@ def fold_batchnorm(model) -> int:
 
 
 def name_nodes(graph: gs.Graph) -> int:
-    """Give every unnamed or duplicate-named node a unique name (plans and fallback refer to names)."""
+    """Give every unnamed or duplicate-named node a unique name, in the graph and its subgraphs
+    (plans and fallback refer to nodes by name, model-wide)."""
+    from onnxcomp.subgraphs import scopes
+
     seen: set[str] = set()
     renamed = 0
-    for i, node in enumerate(graph.nodes):
-        if not node.name or node.name in seen:
-            base = f"{node.op}_{i}"
-            name, k = base, 1
-            while name in seen:
-                name, k = f"{base}_{k}", k + 1
-            node.name = name
-            renamed += 1
-        seen.add(node.name)
+    for scope in scopes(graph):
+        for i, node in enumerate(scope.graph.nodes):
+            if not node.name or node.name in seen:
+                base = f"{node.op}_{i}" if scope.is_main else f"{scope.path.replace('/', '_')}_{node.op}_{i}"
+                name, k = base, 1
+                while name in seen:
+                    name, k = f"{base}_{k}", k + 1
+                node.name = name
+                renamed += 1
+            seen.add(node.name)
     return renamed
 
 

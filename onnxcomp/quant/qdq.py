@@ -106,10 +106,14 @@ def quantize_bias(b: np.ndarray, params: QParams) -> np.ndarray:
 class NodeBuilder:
     """Makes uniquely named Q/DQ nodes and constants in one graph."""
 
-    def __init__(self, graph: gs.Graph, prefix: str = "q"):
+    def __init__(self, graph: gs.Graph, prefix: str = "q", taken: set[str] | None = None):
+        """`taken`: names already used anywhere in the model (shared and updated, so builders of
+        several subgraphs never reuse a name); by default the names of `graph` and its subgraphs."""
+        from onnxcomp.subgraphs import NameSpace
+
         self.graph = graph
         self.prefix = prefix
-        self._names = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
+        self._names = taken if taken is not None else NameSpace(graph).taken
         self.added_nodes = 0
 
     def unique(self, base: str) -> str:
