@@ -140,8 +140,9 @@ def _gate(max_drop: float | None, min_cosine: float | None, atol: float | None, 
         if max_drop is None:
             raise SpecError("--gate-metric gives the metric that --max-drop holds: give --max-drop POINTS too")
         metric = load_metric(gate_metric)
-    gate = Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget, metric=metric)
-    return gate if gate.active else Gate.default(budget=budget)  # the default gate holds every lossy run
+    # No tolerance given: an inactive Gate, which the API replaces by the default gate for a
+    # lossy pipeline (keeping the budget) and leaves off for a lossless one.
+    return Gate(max_drop=max_drop, min_cosine=min_cosine, atol=atol, budget=budget, metric=metric)
 
 
 def _onto_input(output: Path, source: Path) -> bool:

@@ -321,7 +321,7 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
             passes = passes[:culprit] + [weaker] + passes[culprit + 1:]
         ctx.invalidate()
     last = path[-1]
-    error = GateFailed(f"the gate ({checker.gate.describe()}, on {len(checker.feeds)} held-out samples) still fails "
+    error = GateFailed(f"the gate ({checker.gate.describe()}, on {len(checker.feeds)} samples) still fails "
                        f"after {checker.gate.budget} back-offs, at pass {last.get('culprit', '?')}: "
                        f"{last.get('reason', '')}")
     error.path = path  # type: ignore[attr-defined]

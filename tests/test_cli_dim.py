@@ -40,16 +40,19 @@ def test_validation_runs_at_the_given_sizes_and_the_model_stays_symbolic(dynamic
     assert [d.dim_param for d in shape[2:]] == ["height", "width"]
 
 
-def test_the_gate_checks_inputs_of_the_given_sizes(dynamic_mnist, tmp_path):
+def test_a_lossy_run_without_data_is_refused_and_no_gate_measures_at_the_given_sizes(dynamic_mnist, tmp_path):
     out = tmp_path / "out.onnx"
-    args = ("optimize", dynamic_mnist, "-o", out, "--pipeline", "prune(sparsity=0.3)", "--min-cosine", "0.9")
-    assert_one_line_error(run_cli_here(*args), "Reshape")  # generated 32x32 images cannot run
+    args = ("optimize", dynamic_mnist, "-o", out, "--pipeline", "prune(sparsity=0.3)")
+    assert_one_line_error(run_cli_here(*args, *SIZES), "there is no data to check it on")
     assert not out.exists()
-    done = run_cli_here(*args, "--json", *SIZES)
+    done = run_cli_here(*args, "--no-gate", "--json", *SIZES)
     assert done.returncode == 0, done.stderr
-    gate = json.loads(done.stdout)["gate"]
-    assert gate["passed"] and 0.9 <= gate["cosine"] < 1.0  # the pruned model really ran on 28x28 inputs
-    assert out.exists()
+    validation = json.loads(done.stdout)["validation"]
+    assert validation["passed"] is None and validation["verdict"] == "NOT VALIDATED (--no-gate)"
+    assert validation["data"].startswith("GENERATED inputs") and validation["samples"] == 2
+    cosine = validation["providers"][0]["outputs"][0]["cosine"]
+    assert 0.9 <= cosine < 1.0  # the pruned model really ran on 28x28 inputs
+    assert onnx.load(out).metadata_props[-1].value == "NOT VALIDATED (--no-gate)"
 
 
 @pytest.mark.parametrize("value, message", [

@@ -50,7 +50,7 @@ def test_a_metric_the_result_fails_refuses_it_and_writes_nothing(mnist_path, eva
                         "--evaluation", evaluation, "--max-drop", "2", "--budget", "1",
                         "--gate-metric", "tests.fixtures.gate_metrics:bit_exact_rate")
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "still fails after 1 retries: metric 0.0000 vs 1.0000 (drop 100.00 points)" in done.stderr
+    assert "still fails after 1 back-offs, at pass prune(sparsity=0.25): metric 0.0000 vs 1.0000 (drop 100.00 points)" in done.stderr
     assert not out.exists()
 
 

@@ -58,7 +58,7 @@ def test_a_gate_that_cannot_be_met_within_the_budget_fails_with_the_path(mnist_p
     with pytest.raises(GateFailed) as info:
         onnxcomp.optimize(mnist_path, "test_noise_weights(strength=0.8)", evaluation=_feeds(4, 2),
                           gate=Gate(min_cosine=0.9999999, budget=1))
-    assert "still fails after 1 retries" in str(info.value)
+    assert "still fails after 1 back-offs, at pass test_noise_weights(strength=0.2)" in str(info.value)
 
 
 def test_max_drop_needs_labels(mnist_path):
