@@ -292,6 +292,8 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     is one line."""
     import zipfile
 
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not an .npz file (it is not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -324,8 +326,8 @@ def _unstack(arrays: dict[str, np.ndarray], specs: dict[str, InputSpec], path: P
     for name, a in arrays.items():
         spec = specs.get(name)
         rank = len(spec.dims) if spec is not None and spec.dims is not None else None
-        if a.ndim == 0 or (spec is not None and spec.dims is not None and spec.fixed and a.shape == spec.dims
-                           and spec.dims[:1] != (1,)):
+        if a.ndim == 0 or (rank is not None and a.ndim < rank) or (
+                spec is not None and spec.fixed and a.shape == spec.dims and spec.dims[:1] != (1,)):
             how[name] = "constant"
         elif rank is not None and a.ndim == rank + 1:
             how[name] = "sample"
