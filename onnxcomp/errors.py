@@ -49,4 +49,8 @@ def user_error(exc: BaseException) -> OnnxcompError | None:
     named raises OutputError / InputError itself, with what it was doing."""
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return OnnxcompError(describe_os_error(exc))
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, MemoryError) or isinstance(exc, ValueError) and first.startswith("array is too big"):
+        return OnnxcompError(f"a tensor is too large for this machine's memory ({first.rstrip('.') or 'MemoryError'}); "
+                             "if the model declares huge input sizes, give them with --dim NAME=SIZE or --shape")
     return None

@@ -18,18 +18,43 @@ def atomic_write(path: Path, write) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{path}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        raise OutputError(cannot_write(path, exc)) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def cannot_write(path: Path, exc: OSError) -> str:
+    """The one line for an OSError while writing `path`: the path and the reason, e.g.
+    "out/model.onnx: cannot write (Read-only file system)"."""
+    return f"{path}: cannot write ({exc.strerror or exc})"
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output whose folder is missing or cannot take a new file
+    (read-only file system, no permission): a temporary file is made there and removed.
+    Raises OutputError naming the path and the reason."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{path}: the folder {folder} does not exist")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(cannot_write(path, exc)) from exc
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def _umask() -> int:

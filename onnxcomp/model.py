@@ -27,6 +27,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxcomp.errors import InputError, OutputError
+from onnxcomp.files import cannot_write
 
 # graphsurgeon logs warnings to the terminal; onnxcomp reports problems itself, in one line.
 G_LOGGER.severity = G_LOGGER.CRITICAL + 10
@@ -256,9 +257,25 @@ def refuse_external_references(proto: onnx.ModelProto, where: str) -> None:
     """A packed file or bytes in memory holds all its data: a tensor that still points at an
     external file would be read relative to wherever the process runs. Refused before any open."""
     for tensor in _external_tensors(proto):
-        location = external_data_helper.ExternalDataInfo(tensor).location
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
         raise InputError(f"{where}: tensor {tensor.name!r} points at an external file {location!r}; "
                          "only an .onnx file's own folder may hold external data")
+
+
+def external_fields(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
+    """(location, offset, length or None) of an external tensor, each checked: offset and length
+    are whole numbers >= 0 written in decimal (onnx's own reader raises a bare ValueError)."""
+    fields = {entry.key: entry.value for entry in tensor.external_data}
+    numbers = {}
+    for key in ("offset", "length"):
+        text = fields.get(key)
+        if text is None:
+            numbers[key] = None
+            continue
+        if not text.strip().isdigit() or not text.strip().isascii():
+            raise InputError(f"tensor {tensor.name!r}: external data {key} {text!r} is not a whole number >= 0")
+        numbers[key] = int(text)
+    return fields.get("location", ""), numbers["offset"] or 0, numbers["length"]
 
 
 def _external_tensors(proto: onnx.ModelProto):
@@ -278,8 +295,7 @@ def load_external_data_safely(proto: onnx.ModelProto, base_dir: Path, defer: dic
     base = base_dir.resolve()
     deferrable = {t.name for t in proto.graph.initializer if t.data_type in MAPPABLE} if defer is not None else set()
     for tensor in _external_tensors(proto):
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = info.location or ""
+        location, offset, length = external_fields(tensor)
         if not location or os.path.isabs(location) or ".." in Path(location).parts:
             raise InputError(f"tensor {tensor.name!r}: external data location {location!r} escapes the model's folder")
         target = (base / location).resolve()
@@ -287,11 +303,11 @@ def load_external_data_safely(proto: onnx.ModelProto, base_dir: Path, defer: dic
             raise InputError(f"tensor {tensor.name!r}: external data location {location!r} escapes the model's folder")
         if not target.is_file():
             raise InputError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
-        offset = int(info.offset or 0)
         size = target.stat().st_size
         expected = _declared_nbytes(tensor)
-        length = int(info.length) if info.length else (expected if expected is not None else size - offset)
-        if offset < 0 or length < 0 or offset + length > size:
+        if length is None:
+            length = expected if expected is not None else max(size - offset, 0)
+        if offset + length > size:
             raise InputError(
                 f"tensor {tensor.name!r}: external data {location!r} is shorter than declared "
                 f"(needs {offset + length} bytes, has {size})"
@@ -458,8 +474,9 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{path}: the folder {folder} does not exist")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
         staged = staging / path.name
         data_name = path.name + ".data"
         moved: list = []  # (Constant, offset, length) of weights copied from their file unread
@@ -484,9 +501,10 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
                     const._values = ExternalValues(const._values._meta, (folder / data_name).resolve(), offset, length)
         os.replace(staged, path)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        raise OutputError(cannot_write(path, exc)) from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

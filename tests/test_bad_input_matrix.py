@@ -175,6 +175,33 @@ def external_symlink(folder):
     return _external(folder, "weights.bin")
 
 
+def _external_field(folder: Path, key: str, value: str) -> Path:
+    """w2's data in weights.bin (in full), its `key` entry rewritten to `value`."""
+    proto = small_cnn()
+    w2 = next(t for t in proto.graph.initializer if t.name == "w2")
+    (folder / "weights.bin").write_bytes(onnx.numpy_helper.to_array(w2).tobytes())
+    proto = point_external_data(proto, "w2", "weights.bin")
+    w2 = next(t for t in proto.graph.initializer if t.name == "w2")
+    next(e for e in w2.external_data if e.key == key).value = value
+    return _write(folder, proto)
+
+
+def external_negative_offset(folder):
+    return _external_field(folder, "offset", "-4096")
+
+
+def external_text_length(folder):
+    return _external_field(folder, "length", "32k")
+
+
+def huge_input_dim(folder):
+    """The batch dimension declared as 2^63-1: describable and packable, but no input of that
+    size can be generated for validation."""
+    proto = small_cnn()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**63 - 1
+    return _write(folder, proto)
+
+
 def nan_inf(folder):
     """NaN and +-Inf in a weight and in a bias: the affected output columns are NaN/Inf, the others finite."""
     weights = small_cnn_weights()
@@ -392,6 +419,10 @@ ROWS: dict[str, Row] = {
     "external-absolute": Row(external_absolute, ESCAPES),
     "external-dotdot": Row(external_dotdot, ESCAPES),
     "external-symlink": Row(external_symlink, ESCAPES),
+    "external-negative-offset": Row(external_negative_offset,
+                                    "tensor 'w2': external data offset '-4096' is not a whole number >= 0"),
+    "external-text-length": Row(external_text_length, "tensor 'w2': external data length '32k' is not a whole number >= 0"),
+    "huge-input-dim": Row(huge_input_dim, "is too large", errors=DESCRIBED),
     "nan-inf": Row(nan_inf, lossy=LOSSY + ("quantize_dynamic(mode=weight_only, bits=4)", "codebook(bits=4)")),
     "zero-weights": Row(zero_weights, lossy=LOSSY + ("fold, cleanup, fuse, quantize(per_channel=true)",
                                                      "quantize_dynamic(mode=weight_only, bits=4, min_size=0)",
