@@ -1,0 +1,104 @@
+"""The accuracy gate is on by default for every lossy pipeline (onnxcomp.checking): judged on a
+held-out part of the user's calibration data, one verdict and one figure, refused without data
+unless --no-gate, nothing written below the gate unless --keep-failed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcomp.gate import is_score_map, score_agreement
+from onnxcomp.runtime import make_session, run
+from onnxcomp.validate import compare_arrays
+from onnxcomp.context import Tolerance
+
+from .helpers import assert_one_line_error, run_cli_here
+
+
+@pytest.fixture
+def mnist_calibration(mnist_path, tmp_path):
+    from models.real import _mnist_data
+
+    images = _mnist_data()[0][:16].reshape(16, 1, 1, 28, 28).astype(np.float32)  # [samples, 1, 1, 28, 28]
+    path = tmp_path / "cal.npz"
+    np.savez(path, Input3=images)
+    return path, [{"Input3": x} for x in images]
+
+
+def _held_out_cosine(original, written, feeds):
+    ref, cand = make_session(original), make_session(written)
+    name = ref.get_outputs()[0].name
+    result = compare_arrays(name, [run(ref, f)[name] for f in feeds], [run(cand, f)[name] for f in feeds],
+                            Tolerance(atol=float("inf")))
+    return result.cosine
+
+
+def test_a_lossy_preset_with_only_calibration_is_gated_on_held_out_samples_and_the_figure_is_true(
+        mnist_path, mnist_calibration, tmp_path):
+    calibration, feeds = mnist_calibration
+    out = tmp_path / "out.onnx"
+    done = run_cli_here("optimize", mnist_path, "-o", out, "--pipeline", "prune(sparsity=0.9)",
+                        "--calibration", calibration, "--json")
+    report = json.loads(done.stdout) if done.returncode == 0 else None
+    assert done.returncode == 0, done.stderr
+    validation = report["validation"]
+    assert validation["passed"] is True and validation["verdict"] == "passed the gate"
+    assert validation["samples"] == 8 and "[held-out part]" in validation["data"]
+    assert any("held out 8 of the 16 calibration samples" in note for note in report["notes"])
+    printed = report["gate"]["per_output"]["Plus214_Output_0"]["cosine"]
+    assert printed >= 0.99
+    # the figure is what an independent ORT run measures on those held-out samples (the last 8)
+    assert round(printed, 3) == round(_held_out_cosine(mnist_path, out, feeds[8:]), 3)
+    assert report["gate"]["path"][0]["passed"] is False  # 90 % pruning broke it; the gate backed off
+
+
+def test_a_lossy_pipeline_without_data_is_refused_in_one_line_and_writes_nothing(mnist_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    before = mnist_path.read_bytes()
+    assert_one_line_error(run_cli_here("optimize", mnist_path, "-o", out, "--preset", "int8"),
+                          "the pipeline is lossy", "--no-gate")
+    assert not out.exists() and mnist_path.read_bytes() == before
+
+
+def test_no_gate_writes_the_model_but_says_not_validated_loudly(mnist_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    done = run_cli_here("optimize", mnist_path, "-o", out, "--pipeline", "prune(sparsity=0.5)", "--no-gate")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "validation on ORT: NOT VALIDATED (--no-gate) on GENERATED inputs" in text
+    assert {p.key: p.value for p in onnx.load(out).metadata_props}["onnxcomp.validation"] == "NOT VALIDATED (--no-gate)"
+
+
+def test_a_gate_that_cannot_be_met_exits_1_with_one_line_and_keep_failed_writes_the_nearest_attempt(
+        mnist_path, mnist_calibration, tmp_path):
+    calibration, _ = mnist_calibration
+    out, kept = tmp_path / "out.onnx", tmp_path / "kept.onnx"
+    args = ("optimize", mnist_path, "-o", out, "--pipeline", "prune(sparsity=0.9)", "--calibration", calibration,
+            "--min-cosine", "0.99999999", "--budget", "1")
+    failed = run_cli_here(*args)
+    assert failed.returncode == 1
+    assert_one_line_error(failed, "at pass prune(sparsity=", "output 'Plus214_Output_0' cosine")
+    assert not out.exists() and not kept.exists()
+    done = run_cli_here(*args, "--keep-failed", kept)
+    assert done.returncode == 1 and "written to" in done.stderr
+    assert not out.exists() and kept.exists()
+    metadata = {p.key: p.value for p in onnx.load(kept).metadata_props}
+    assert metadata["onnxcomp.validation"].startswith("FAILED the accuracy gate")
+
+
+def test_the_score_map_check_catches_a_detector_that_finds_nothing_though_its_cosine_stays_high(
+        ultraface_path, images_dir):
+    from models.real import _ultraface_feeds
+
+    session = make_session(ultraface_path)
+    outputs = [run(session, feed) for feed in _ultraface_feeds()[0][:4]]
+    scores, boxes = [o["scores"] for o in outputs], [o["boxes"] for o in outputs]
+    assert is_score_map(scores) and not is_score_map(boxes)  # box coordinates spread over [0, 1]
+    no_faces = [np.stack([np.maximum(s[..., 0], 0.51), np.minimum(s[..., 1], 0.49)], -1) for s in scores]
+    cosine = compare_arrays("scores", scores, no_faces, Tolerance(atol=float("inf"))).cosine
+    assert cosine > 0.99  # the raw cosine cannot see it...
+    assert score_agreement(scores, no_faces) == 0.0  # ...the face decisions can
+    assert score_agreement(scores, scores) == 1.0
