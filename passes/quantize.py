@@ -25,7 +25,9 @@ from onnxcomp.quant import calibrators, fallback, latency
 from onnxcomp.quant.embedding import quantize_embeddings
 from onnxcomp.quant.insert import QuantOptions, apply_plan
 from onnxcomp.quant.placement import DEFAULT_OPS, fold_batchnorm, make_plan, name_nodes
+from onnxcomp.quant.scoped import candidate_tensors, quantize_graphs
 from onnxcomp.registry import register
+from onnxcomp.subgraphs import node_scopes, scopes
 
 QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) and int32 bias per channel
 
@@ -84,7 +86,7 @@ class Quantize(Pass):
         provider = (ctx.providers or ["cpu"])[0]
 
         # calibration: every float tensor around a candidate op, streamed
-        candidates = _candidate_tensors(float_model, ops)
+        candidates = candidate_tensors(float_model.graph, ops)
         t0 = time.perf_counter()
         ranges = calibrators.calibrate(float_model, candidates, feeds, cfg.calibrator, provider=provider,
                                        percentile=cfg.percentile)
@@ -94,17 +96,22 @@ class Quantize(Pass):
 
         embedding_stats: dict = {}
 
+        scoped: dict = {}
+
         def build(extra_exclude: list[str]) -> tuple[Model, object, object]:
             m = float_model.copy()
             exclude = tuple(cfg.exclude) + tuple(extra_exclude)
-            plan = make_plan(m.graph, set(ranges), ops=ops, exclude=exclude,
-                             per_channel=cfg.per_channel, symmetric_activations=cfg.symmetric)
-            inserted = apply_plan(m.graph, plan, ranges, opts)
+            done = quantize_graphs(m.graph, ranges, opts, ops=ops, exclude=exclude, per_channel=cfg.per_channel,
+                                   symmetric=cfg.symmetric)
+            scoped["last"] = done
             if cfg.embeddings:
                 embedding_stats.update(quantize_embeddings(m.graph, exclude))
-            return m, plan, inserted
+            return m, done.plan, done.inserted
 
         quantized, plan, inserted = build([])
+        if scoped["last"].not_calibrated:
+            ctx.note(f"quantize: {len(scoped['last'].not_calibrated)} subgraph(s) kept in float: no calibration "
+                     f"sample ran them ({', '.join(scoped['last'].not_calibrated[:4])})")
         if embedding_stats.get("embeddings_quantized"):
             stats.update(embedding_stats)
         if not plan.anchors() and not embedding_stats.get("embeddings_quantized"):
@@ -130,6 +137,11 @@ class Quantize(Pass):
             "per_channel": bool(inserted.per_channel),
             "quantize_s": round(time.perf_counter() - started, 3),
         })
+        last = scoped["last"]
+        if last.per_subgraph or last.not_calibrated:
+            stats["subgraph_weights_quantized"] = sum(v["weights_quantized"] for v in last.per_subgraph.values())
+            stats["per_subgraph"] = last.per_subgraph
+            stats["subgraphs_not_calibrated"] = last.not_calibrated
         if cfg.latency_check or cfg.require_speedup:
             self._latency_gate(float_model, quantized, feeds[0], provider, ctx, stats)
 
@@ -157,8 +169,17 @@ class Quantize(Pass):
                           symmetric_activations=cfg.symmetric)
             apply_plan(graph, p, rng, opts)
 
-        anchors = [n for n in float_model.graph.nodes if n.name in {a.name for a in plan.anchors()}]
-        sens, local = fallback.sensitivity(float_model, anchors, eval_feeds[:4], quantize_one, ranges, cfg.metric)
+        wanted = {a.name for a in plan.anchors()}
+        in_loop = {id(n) for sc in scopes(float_model.graph) if sc.in_loop for n in sc.graph.nodes}
+        anchors = [n for _, n in node_scopes(float_model.graph) if n.name in wanted]
+        sens, local = fallback.sensitivity(float_model, [n for n in anchors if id(n) not in in_loop],
+                                           eval_feeds[:4], quantize_one, ranges, cfg.metric)
+        unmeasured = [n.name for n in anchors if id(n) in in_loop]
+        if unmeasured:  # noise cannot be injected per iteration: counted as sensitive as the worst measured
+            worst = max(sens.values(), default=0.0)
+            sens.update({k: worst for k in unmeasured})
+            ctx.note(f"quantize: fallback could not measure {len(unmeasured)} node(s) inside Loop/Scan bodies "
+                     "alone; they rank as the most sensitive measured one")
         order = sorted(sens, key=lambda k: -sens[k])
 
         def error_of(kept: list[str]) -> float:
@@ -170,7 +191,7 @@ class Quantize(Pass):
         stats["fallback_trials"] = [list(t) for t in trials]
         stats["kept_float"] = [{"node": k, "op": next(n.op for n in anchors if n.name == k),
                                 "error_if_only_this_quantized": round(sens[k], 8),
-                                "local_relative_error": round(local[k], 8)} for k in kept]
+                                "local_relative_error": round(local[k], 8) if k in local else None} for k in kept]
         why = ", ".join(f"{k} (alone: {cfg.metric} error {sens[k]:.2e})" for k in kept[:8]) + (
             " ..." if len(kept) > 8 else "")
         ctx.note(f"quantize: error {full:.4g} > max_error {cfg.max_error:g} ({cfg.metric}); kept {len(kept)} most "
@@ -196,21 +217,6 @@ class Quantize(Pass):
             stats["slower_than_float"] = True
             if self.config.require_speedup:
                 raise PassError(msg.replace("quantize: WARNING ", "quantize: require_speedup: "))
-
-
-def _candidate_tensors(model: Model, ops: tuple[str, ...]) -> list[str]:
-    names: list[str] = []
-    seen: set[str] = set()
-    import onnx_graphsurgeon as gs
-
-    for node in model.graph.nodes:
-        if node.op not in ops:
-            continue
-        for t in list(node.inputs) + list(node.outputs):
-            if isinstance(t, gs.Variable) and t.name and t.name not in seen:
-                seen.add(t.name)
-                names.append(t.name)
-    return names
 
 
 def _check_loads(model: Model) -> None:

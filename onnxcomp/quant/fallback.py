@@ -89,9 +89,11 @@ def sensitivity(float_model, anchors: list[gs.Node], feeds: list[dict[str, np.nd
     for feed, values in capture(float_model, sorted(wanted | set(out_names)), feeds, provider=provider,
                                 threads=None):
         reference = {k: values[k] for k in out_names}
-        zeros = {}
+        zeros = {noise: np.zeros((1,), np.float32) for noise in noise_inputs.values()}  # read only where run
         errors = {}
         for name, (fs, qs, inputs, out_name) in minis.items():
+            if any(i not in values for i in inputs):
+                continue  # inside an If branch that did not run on this feed: no error to inject
             mini_feed = {i: values[i] for i in inputs}
             y = run(fs, mini_feed)[out_name]
             e = run(qs, mini_feed)[out_name] - y
@@ -109,17 +111,19 @@ def sensitivity(float_model, anchors: list[gs.Node], feeds: list[dict[str, np.nd
 
 def _noise_model(float_model, outputs: dict[str, str]):
     """A copy of the float model with `Y = Y_pre + noise_<node>` at every named node output."""
+    from onnxcomp.subgraphs import scopes
+
     model = float_model.copy()
-    tensors = model.graph.tensors()
+    where = {t.name: (scope.graph, t) for scope in scopes(model.graph) for n in scope.graph.nodes for t in n.outputs}
     names = {}
     for i, (node_name, out_name) in enumerate(outputs.items()):
-        y = tensors[out_name]
+        graph, y = where[out_name]  # the noise is a main-graph input; a subgraph reads it from outer scope
         producer = y.inputs[0]
         pre = gs.Variable(f"{out_name}__pre_noise", dtype=y.dtype)
         producer.outputs[producer.outputs.index(y)] = pre
         noise = gs.Variable(f"__noise_{i}", dtype=np.float32, shape=None)
         model.graph.inputs.append(noise)
-        model.graph.nodes.append(gs.Node("Add", f"__add_noise_{i}", inputs=[pre, noise], outputs=[y]))
+        graph.nodes.append(gs.Node("Add", f"__add_noise_{i}", inputs=[pre, noise], outputs=[y]))
         names[node_name] = noise.name
     model.graph.toposort()
     return model, names

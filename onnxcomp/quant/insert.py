@@ -64,9 +64,13 @@ def activation_params(plan: Plan, ranges: dict[str, tuple[float, float]], opts: 
     return out
 
 
-def apply_plan(graph: gs.Graph, plan: Plan, ranges: dict[str, tuple[float, float]], opts: QuantOptions) -> InsertResult:
+def apply_plan(graph: gs.Graph, plan: Plan, ranges: dict[str, tuple[float, float]], opts: QuantOptions,
+               taken: set[str] | None = None) -> InsertResult:
+    """Edit `graph` (the main graph or one subgraph) as planned. Only this graph's nodes are
+    rewired: a subgraph reading one of its tensors keeps the float tensor (it gets its own plan).
+    `taken`: names used anywhere in the model (see NodeBuilder)."""
     result = InsertResult()
-    build = NodeBuilder(graph)
+    build = NodeBuilder(graph, taken=taken)
     params = activation_params(plan, ranges, opts)
 
     # 1. Relu / Clip(0, x) after a quantized node: the output Q's saturation does their work
@@ -84,12 +88,13 @@ def apply_plan(graph: gs.Graph, plan: Plan, ranges: dict[str, tuple[float, float
     # 2. one Q/DQ pair per activation; every reader (quantized or not) reads the DQ output
     tensors = graph.tensors()
     graph_outputs = {id(t) for t in graph.outputs}
+    local = {id(n) for n in graph.nodes}
     for name, p in params.items():
         t = tensors.get(name)
         if not isinstance(t, gs.Variable):
             continue
-        readers = list(t.outputs)
-        if id(t) in graph_outputs and t.inputs:
+        readers = [r for r in t.outputs if id(r) in local]
+        if id(t) in graph_outputs and t.inputs and id(t.inputs[0]) in local:
             # keep the output's name on the DQ result; the producer writes a new tensor
             pre = gs.Variable(build.unique(f"{name}_float"), dtype=t.dtype, shape=t.shape)
             producer = t.inputs[0]
