@@ -24,6 +24,7 @@ _LAZY = {
     "Pass": "base", "PassResult": "base", "param": "base",
     "CalibrationData": "calibration", "ImagePreprocess": "calibration",
     "PassContext": "context", "Tolerance": "context",
+    "Gate": "gate",
     "GateFailed": "errors", "InputError": "errors", "OnnxcompError": "errors", "OutputError": "errors",
     "PassError": "errors", "SpecError": "errors",
     "Model": "model", "load": "model", "save": "model",
@@ -34,7 +35,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "CalibrationData", "GateFailed", "ImagePreprocess", "InputError", "Model", "OnnxcompError",
+    "CalibrationData", "Gate", "GateFailed", "ImagePreprocess", "InputError", "Model", "OnnxcompError",
     "OptimizeResult", "OutputError", "Pass", "PassContext", "PassError", "PassResult", "Pipeline",
     "PipelineResult", "Report", "SpecError", "Tolerance", "ValidationReport", "all_passes", "export",
     "generate_inputs", "inspect", "load", "optimize", "param", "register", "save", "session", "validate",
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from onnxcomp.base import Pass, PassResult, param
     from onnxcomp.calibration import CalibrationData, ImagePreprocess
     from onnxcomp.context import PassContext, Tolerance
+    from onnxcomp.gate import Gate
     from onnxcomp.errors import GateFailed, InputError, OnnxcompError, OutputError, PassError, SpecError
     from onnxcomp.model import Model, load, save
     from onnxcomp.pipeline import Pipeline, PipelineResult

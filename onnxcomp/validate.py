@@ -16,6 +16,7 @@ import onnx
 
 from onnxcomp.context import Tolerance
 from onnxcomp.errors import InputError
+from onnxcomp.limits import check_generated_size
 from onnxcomp.model import Model, load
 from onnxcomp.runtime import CannotRun, RuntimeUnavailable, make_session, parse_providers, run
 
@@ -65,6 +66,7 @@ def generate_inputs(model, count: int = 1, seed: int = 0, dims: dict[str, int] |
                 else:
                     size.append(DEFAULT_DYNAMIC_BATCH if axis == 0 else DEFAULT_DYNAMIC_DIM)
             np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+            check_generated_size(name, size, np_type)
             if np.issubdtype(np_type, np.floating):
                 value = rng.standard_normal(size).astype(np_type)
             elif np_type == np.bool_:
