@@ -27,6 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from onnxcomp.graph_utils import has_subgraph, iter_nodes  # noqa: F401  (re-exported for the passes)
 from onnxcomp.graph_utils import subgraphs as node_subgraphs
 
 LOOPS = ("Loop", "Scan")

@@ -30,6 +30,7 @@ from onnxcomp import flops
 from onnxcomp import hessian as hs
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.registry import register
+from onnxcomp.subgraphs import has_subgraph, iter_nodes, reads_inside
 
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
          "Softplus", "Softsign", "Identity", "Dropout", "Erf", "Neg", "Abs", "Mish", "Gelu", "ThresholdedRelu",
@@ -113,12 +114,11 @@ def analyse(model, shapes: dict[str, tuple]) -> _Plan:
         carried = [i for i, x in enumerate(ins) if x is not None]
         out = None
         op = node.op
-        if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+        if has_subgraph(node):  # channels read inside (nested) subgraphs stay whole
             for i in carried:
                 plan.block(ins[i])
-            for sub in (v for v in node.attrs.values() if isinstance(v, gs.Graph)):
-                for t in sub.tensors().values():
-                    plan.block(plan.lists.get(t.name))
+            for t in reads_inside(node):
+                plan.block(plan.lists.get(t.name))
         elif carried:
             out = _follow(plan, node, ins, carried, shapes)
         if out is not None:
@@ -397,7 +397,7 @@ class PruneChannels(Pass):
     def _apply(self, model, plan, keep, hessians) -> int:
         cfg = self.config
         users: dict[str, int] = {}
-        for node in model.graph.nodes:
+        for node in iter_nodes(model.graph):  # readers inside subgraphs too: a shared weight gets a copy
             for t in node.inputs:
                 users[t.name] = users.get(t.name, 0) + 1
 
