@@ -90,7 +90,7 @@ def test_prune_zeroes_weights_in_every_branch_nested_if_and_loop_body(proto, ref
     assert result.stats["subgraph_tensors_pruned"] == len(SUBGRAPH_WEIGHTS) == result.stats["pruned_tensors"]
     assert set(result.stats["per_subgraph"]) == set(BRANCHES)
     assert all(v["sparsity"] == pytest.approx(0.2, abs=0.02) for v in result.stats["per_subgraph"].values())
-    prob, state, worst = agreement(reference, model)
+    prob, state, _ = agreement(reference, model)
     assert prob >= 0.99 and state >= 0.99, (prob, state)
 
 
@@ -121,7 +121,7 @@ def test_quantize_dynamic_reaches_matmuls_gemms_and_convs_inside_subgraphs(proto
 
 
 def test_static_quantize_places_qdq_in_both_branches_when_calibrated_on_both_rates(proto, reference):
-    model, result, ctx = run_pass(proto, "quantize", latency_check=False, per_channel=True)
+    model, result, _ = run_pass(proto, "quantize", latency_check=False, per_channel=True)
     assert result.changed
     assert result.stats["subgraph_weights_quantized"] == result.stats["weights_quantized"] == len(SUBGRAPH_WEIGHTS)
     assert result.stats["subgraphs_not_calibrated"] == []
@@ -129,7 +129,7 @@ def test_static_quantize_places_qdq_in_both_branches_when_calibrated_on_both_rat
     for scope in scopes(model.graph)[1:]:
         ops = [n.op for n in scope.graph.nodes]
         assert "DequantizeLinear" in ops, scope.path
-    prob, state, worst = agreement(reference, model)
+    prob, state, _ = agreement(reference, model)
     assert prob >= 0.99 and state >= 0.99, (prob, state)
 
 
@@ -146,7 +146,7 @@ def test_static_quantize_keeps_a_branch_no_calibration_sample_ran_in_float(proto
 
 
 def test_static_quantize_fallback_keeps_subgraph_nodes_in_float_until_the_error_holds(proto, reference):
-    model, result, _ = run_pass(proto, "quantize", latency_check=False, max_error=1e-5)
+    _, result, _ = run_pass(proto, "quantize", latency_check=False, max_error=1e-5)
     assert result.changed and result.stats["kept_float"]
     assert result.stats["error"] <= 1e-5 < result.stats["error_all_quantized"]
     assert result.stats["weights_quantized"] == len(SUBGRAPH_WEIGHTS) - len(result.stats["kept_float"])

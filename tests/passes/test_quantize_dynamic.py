@@ -102,3 +102,53 @@ def test_minilm_dynamic_quantization_keeps_mean_embedding_cosine_above_0_99():
         pytest.skip(why)
     result = onnxcomp.optimize(e.path, "quantize_dynamic", check=False)
     assert e.evaluate(result.model.to_proto())["cos_mean"] >= 0.99
+
+
+# ---- a conv-only model: Conv weights become int8 + DequantizeLinear (issue 15 point 5) ----------
+CONV_ONLY = """
+<ir_version: 8, opset_import: ["" : 11]>
+g (float[1,3,16,16] x) => (float[1,32,1,1] y) {
+  h = Conv <pads = [1,1,1,1]> (x, w1, b1)
+  r = Relu (h)
+  c = Conv <pads = [1,1,1,1]> (r, w2, b2)
+  y = GlobalAveragePool (c)
+}
+"""
+
+
+def conv_only():
+    rng = np.random.default_rng(3)
+    proto = onnx.parser.parse_model(CONV_ONLY)
+    for name, shape, std in (("w1", (16, 3, 3, 3), 0.3), ("b1", (16,), 0.05), ("w2", (32, 16, 3, 3), 0.1),
+                             ("b2", (32,), 0.05)):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.normal(0, std, shape).astype(np.float32), name))
+    return proto
+
+
+def test_dynamic_on_a_conv_only_model_quantizes_its_conv_weights_per_channel_and_ort_agrees():
+    feed = {"x": np.random.default_rng(4).normal(0, 1, (1, 3, 16, 16)).astype(np.float32)}
+    model = load(conv_only())
+    result = get("quantize_dynamic")().run(model, ctx := PassContext())
+    assert result.changed and result.stats["conv_weights_quantized"] == 1  # w1 (432) is under min_size
+    assert model.opset >= 13 and result.stats["opset_upgraded_from"] == 11  # per-channel DequantizeLinear
+    assert result.stats["weight_bytes_after"] < result.stats["weight_bytes_before"] / 3.5
+    dq = [n for n in model.graph.nodes if n.op == "DequantizeLinear"]
+    assert len(dq) == 1 and dq[0].attrs["axis"] == 0 and dq[0].inputs[0].values.dtype == np.int8
+    assert [n.op for n in model.graph.nodes].count("Conv") == 2 and not ctx.notes[1:]
+    got = make_session(model.to_proto()).run(None, feed)[0].ravel()
+    want = make_session(conv_only()).run(None, feed)[0].ravel()
+    assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.999
+
+
+def test_dynamic_that_quantizes_nothing_says_why_and_reports_no_change():
+    model = load(conv_only())
+    result = get("quantize_dynamic")(min_size=10**6).run(model, ctx := PassContext())
+    assert not result.changed and result.stats["nodes_quantized"] == 0
+    assert "nothing to quantize" in result.stats["reason"] and result.stats["reason"] in ctx.notes
+    assert not any(n.op == "DequantizeLinear" for n in model.graph.nodes)
+
+
+def test_conv_weights_stay_float_when_conv_is_left_out_of_ops():
+    model = load(conv_only())
+    result = get("quantize_dynamic")(ops=("MatMul", "Gemm"), min_size=0).run(model, PassContext())
+    assert not result.changed and "MatMul/Gemm" in result.stats["reason"]
