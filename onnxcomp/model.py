@@ -28,6 +28,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxcomp.errors import InputError, OutputError
 from onnxcomp.files import cannot_write
+from onnxcomp.repair import describe_nonfinite, nonfinite_initializers, unique_node_names  # noqa: F401 (API)
 
 # graphsurgeon logs warnings to the terminal; onnxcomp reports problems itself, in one line.
 G_LOGGER.severity = G_LOGGER.CRITICAL + 10
@@ -57,6 +58,8 @@ class Model:
     # IR >= 4 graph inputs that also have an initializer (a default value): kept as inputs on export
     initializer_inputs: set[str] = field(default_factory=set)
     packing: dict | None = None  # set by the entropy pass: save(..., "x.onnxc") packs with this coder
+    # one line per repair made while loading (e.g. duplicate node names renamed): the caller says them
+    load_notes: list[str] = field(default_factory=list)
 
     # ---- conversions -------------------------------------------------------------------
     @classmethod
@@ -69,6 +72,7 @@ class Model:
             if "Cycle" in str(exc):
                 raise InputError("the graph has a cycle: a node depends on its own output") from exc
             raise InputError(f"cannot read the graph: {type(exc).__name__}: {exc}") from exc
+        renamed = unique_node_names(graph)
         return cls(
             graph=graph,
             ir_version=proto.ir_version,
@@ -82,6 +86,7 @@ class Model:
             source_path=source_path,
             initializer_inputs=({i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
                                 if proto.ir_version >= 4 else set()),
+            load_notes=[renamed] if renamed else [],
         )
 
     def to_proto(self, weights: bool = True) -> onnx.ModelProto:
@@ -121,7 +126,8 @@ class Model:
         array in place; external weights stay in their file until a pass reads them."""
         return dataclasses.replace(
             self, graph=self.graph.copy(), opset_imports=dict(self.opset_imports), metadata=dict(self.metadata),
-            initializer_inputs=set(self.initializer_inputs), packing=dict(self.packing) if self.packing else None)
+            initializer_inputs=set(self.initializer_inputs), packing=dict(self.packing) if self.packing else None,
+            load_notes=list(self.load_notes))
 
     # ---- facts --------------------------------------------------------------------------
     @property

@@ -386,6 +386,7 @@ class Row:
     errors: dict[str, str | None] = field(default_factory=dict)  # per-command overrides (None: succeeds)
     lossy: tuple[str, ...] = ()  # extra `optimize` pipelines whose result must run on ORT
     lossy_errors: dict[str, str] = field(default_factory=dict)  # ... or end in this one-line error
+    comparable: bool = True  # False: no input can be made for the model, so results are not compared on ORT
 
     def expected(self, command: str) -> str | None:
         return self.errors.get(command, self.error)
@@ -422,7 +423,9 @@ ROWS: dict[str, Row] = {
     "external-negative-offset": Row(external_negative_offset,
                                     "tensor 'w2': external data offset '-4096' is not a whole number >= 0"),
     "external-text-length": Row(external_text_length, "tensor 'w2': external data length '32k' is not a whole number >= 0"),
-    "huge-input-dim": Row(huge_input_dim, "is too large", errors=DESCRIBED),
+    # a lossless run writes its result "not validated", naming the input it could not generate
+    "huge-input-dim": Row(huge_input_dim, "input 'x': a generated input of shape 9223372036854775807x3x8x8 (float32) "
+                          "is too large", errors={**DESCRIBED, "optimize": None}, comparable=False),
     "nan-inf": Row(nan_inf, lossy=LOSSY + ("quantize_dynamic(mode=weight_only, bits=4)", "codebook(bits=4)")),
     "zero-weights": Row(zero_weights, lossy=LOSSY + ("fold, cleanup, fuse, quantize(per_channel=true)",
                                                      "quantize_dynamic(mode=weight_only, bits=4, min_size=0)",
@@ -547,7 +550,10 @@ def test_optimize_lossless(row_name, tmp_path):
     if cell.done.returncode == 0:
         assert sorted(p.name for p in cell.out_dir.iterdir()) == ["out.onnx"]
         onnx.checker.check_model(onnx.load(cell.out_dir / "out.onnx"), full_check=False)
-        _check_same_outputs(cell.source, cell.out_dir / "out.onnx", LOSSLESS_TOLERANCE)
+        if row.comparable:
+            _check_same_outputs(cell.source, cell.out_dir / "out.onnx", LOSSLESS_TOLERANCE)
+        else:  # written, and the line says why it is not validated
+            assert "not validated" in cell.done.stdout and "is too large" in cell.done.stdout, cell.done.stdout
 
 
 @pytest.mark.parametrize("row_name", EVERY_ROW)
@@ -611,7 +617,9 @@ def test_optimize_lossy(row_name, spec, tmp_path):
         feeds = _feeds(source, seed=1)
         np.savez(calibration, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
         extra = ["--calibration", str(calibration)]
-    cell = _run(tmp_path, row, "optimize", "{in}", "-o", "{out}", "--pipeline", spec, *extra, out_name="out.onnx")
+    # --no-gate: this test compares the result with the source itself, with its own tolerances
+    cell = _run(tmp_path, row, "optimize", "{in}", "-o", "{out}", "--pipeline", spec, "--no-gate", *extra,
+                out_name="out.onnx")
     _assert_outcome(cell, row.lossy_errors.get(spec))
     if cell.done.returncode != 0:
         return
@@ -732,10 +740,10 @@ def test_force_replaces_the_input_only_by_renaming_the_finished_file_over_it(tmp
     source = tmp_path / "model.onnx"
     source.write_bytes(small_cnn().SerializeToString())
     original = source.read_bytes()
-    failing = ["optimize", str(source), "-o", str(source), "--force", "--pipeline", "fold, quantize"]  # no calibration
+    failing = ["optimize", str(source), "-o", str(source), "--force", "--pipeline", "fold, quantize"]  # no data
     working = ["optimize", str(source), "-o", str(source), "--force", "--preset", "lossless"]
     results, stderr = _audited([source], [failing, working])
-    assert results[0]["code"] == 2 and "quantize needs calibration data" in stderr
+    assert results[0]["code"] == 2 and "there is no data to check it on" in stderr
     assert not any(e.get("writes") or "renamed_onto" in e for e in results[0]["events"])
     assert results[1]["code"] == 0, stderr
     assert not any(e.get("writes") for e in results[1]["events"]), results[1]["events"]

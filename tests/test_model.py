@@ -132,3 +132,96 @@ def test_a_truncated_model_is_refused(mnist_path, tmp_path):
     path.write_bytes(mnist_path.read_bytes()[:1000])
     with pytest.raises(InputError):
         onnxcomp.load(path)
+
+
+# ---- repaired or flagged on load ------------------------------------------------------------------
+def _mnist_with_duplicate_names(mnist_path) -> onnx.ModelProto:
+    """mnist with its 2nd and 4th nodes renamed to the 1st node's name (ORT refuses it)."""
+    proto = onnx.load(mnist_path)
+    proto.graph.node[1].name = proto.graph.node[0].name  # "Times212_reshape1"
+    proto.graph.node[3].name = proto.graph.node[0].name
+    return proto
+
+
+def test_ort_refuses_the_model_with_duplicate_node_names(mnist_path):
+    import onnxruntime as ort
+
+    with pytest.raises(Exception, match="two nodes with same node name"):
+        ort.InferenceSession(_mnist_with_duplicate_names(mnist_path).SerializeToString())
+
+
+def test_duplicate_node_names_are_renamed_on_load_said_in_one_note_and_ort_runs_the_saved_model(mnist_path, tmp_path):
+    import onnxruntime as ort
+
+    proto = _mnist_with_duplicate_names(mnist_path)
+    before = proto.SerializeToString()
+    model = onnxcomp.load(proto)
+    assert model.load_notes == ["renamed 2 nodes whose name another node already had ('Times212_reshape1'): "
+                                "ONNX Runtime refuses duplicate node names"]
+    assert proto.SerializeToString() == before  # the caller's proto is not edited
+    names = [n.name for n in model.graph.nodes]
+    assert len(names) == len(set(names)) and "Times212_reshape1_1" in names and "Times212_reshape1_2" in names
+    out = onnxcomp.save(model, tmp_path / "repaired.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    expected = ort.InferenceSession(str(mnist_path), providers=["CPUExecutionProvider"]).run(None, {"Input3": x})
+    np.testing.assert_array_equal(session.run(None, {"Input3": x})[0], expected[0])
+
+
+def test_a_model_with_unique_node_names_gets_no_note(mnist_path):
+    assert onnxcomp.load(mnist_path).load_notes == []
+
+
+def test_optimize_repairs_duplicate_node_names_so_ort_runs_the_output(mnist_path, tmp_path):
+    import onnxruntime as ort
+
+    from .helpers import run_cli_here
+
+    source = tmp_path / "dup.onnx"
+    source.write_bytes(_mnist_with_duplicate_names(mnist_path).SerializeToString())
+    before = source.read_bytes()
+    done = run_cli_here("optimize", source, "-o", tmp_path / "out.onnx", "--preset", "lossless")
+    assert done.returncode == 0, done.stderr
+    ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    assert source.read_bytes() == before
+
+
+def test_nonfinite_initializers_names_the_weights_with_nan_or_inf(mnist_path):
+    from onnxcomp.model import describe_nonfinite, nonfinite_initializers
+
+    proto = onnx.load(mnist_path)
+    for name, value in (("Parameter5", np.nan), ("Parameter193", np.inf)):
+        tensor = next(t for t in proto.graph.initializer if t.name == name)
+        array = onnx.numpy_helper.to_array(tensor).copy()
+        array.flat[3] = value
+        tensor.CopyFrom(onnx.numpy_helper.from_array(array, name))
+    names = nonfinite_initializers(onnxcomp.load(proto))
+    assert sorted(names) == ["Parameter193", "Parameter5"]
+    assert describe_nonfinite(["Parameter5", "Parameter193"]) == (
+        "2 weights hold NaN or Inf values ('Parameter5', 'Parameter193'): outputs that depend on them are not "
+        "finite before or after optimization; the gate decides whether the result is usable")
+    assert nonfinite_initializers(onnxcomp.load(mnist_path)) == []
+    assert describe_nonfinite([]) is None
+    many = describe_nonfinite([f"w{i}" for i in range(7)])
+    assert many.startswith("7 weights hold NaN or Inf values ('w0', 'w1', 'w2' and 4 more)")
+
+
+def test_nonfinite_initializers_reads_weights_inside_subgraphs_and_external_data(tmp_path):
+    from onnxcomp.model import nonfinite_initializers
+
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x, bool c) => (float[1, 4] y) {
+            y = If (c) <
+                then_branch = t () => (float[1, 4] a) { a = MatMul(x, inner) },
+                else_branch = e () => (float[1, 4] b) { b = MatMul(x, outer) }
+            >
+        }""")
+    inner = np.eye(4, dtype=np.float32)
+    inner[1, 1] = -np.inf
+    outer = np.ones((32, 32), np.float32)[:4, :4].copy()
+    outer[0, 0] = np.nan
+    proto.graph.node[0].attribute[0].g.initializer.append(onnx.numpy_helper.from_array(inner, "inner"))
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(outer, "outer"))
+    path = onnxcomp.save(onnxcomp.load(proto), tmp_path / "m.onnx", external_data=True)
+    assert sorted(nonfinite_initializers(onnxcomp.load(path))) == ["inner", "outer"]
