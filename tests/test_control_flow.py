@@ -193,3 +193,55 @@ def test_prune_channels_never_shrinks_channels_read_inside_a_nested_subgraph():
     for c in (True, False):
         want = make_session(proto).run(None, {**feed, "c": np.array(c)})[0]
         np.testing.assert_allclose(session.run(None, {**feed, "c": np.array(c)})[0], want, rtol=1e-5, atol=1e-6)
+
+
+# ---- Scan: a recurrent cell whose weight lives in the Scan body ---------------------------------
+def scan_rnn():
+    """h, ys = Scan(h0, xs) with s2 = Tanh(x @ wx + s @ wh) per step; wx, wh initializers of the body."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(5)
+    weights = [onnx.numpy_helper.from_array(((rng.standard_normal((16, 4)) @ rng.standard_normal((4, 16)) / 4
+                                              + rng.laplace(0, 0.3, (16, 16))) / 4).astype(np.float32), name)
+               for name in ("wx", "wh")]
+    vi = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wx"], ["xs2"], name="step_x"),
+         helper.make_node("MatMul", ["s", "wh"], ["hs"], name="step_h"),
+         helper.make_node("Add", ["xs2", "hs"], ["a"], name="step_add"),
+         helper.make_node("Tanh", ["a"], ["s2"], name="step_tanh"),
+         helper.make_node("Identity", ["s2"], ["y"], name="step_y")], "step",
+        [vi("s", TensorProto.FLOAT, [1, 16]), vi("x", TensorProto.FLOAT, [1, 16])],
+        [vi("s2", TensorProto.FLOAT, [1, 16]), vi("y", TensorProto.FLOAT, [1, 16])], weights)
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["h0", "xs"], ["h", "ys"], name="rnn", num_scan_inputs=1, body=body)], "g",
+        [vi("h0", TensorProto.FLOAT, [1, 16]), vi("xs", TensorProto.FLOAT, [6, 1, 16])],
+        [vi("h", TensorProto.FLOAT, [1, 16]), vi("ys", TensorProto.FLOAT, [6, 1, 16])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def scan_feeds(count, seed):
+    rng = np.random.default_rng(seed)
+    return [{"h0": np.tanh(rng.normal(0, 0.5, (1, 16))).astype(np.float32),
+             "xs": np.sin(np.cumsum(rng.normal(0, 0.4, (6, 1, 16)), 0)).astype(np.float32)} for _ in range(count)]
+
+
+def test_capture_stacks_a_scan_body_tensor_per_iteration():
+    (_, values), = list(capture(scan_rnn(), ["xs2", "s"], scan_feeds(1, 0)))
+    assert values["xs2"].shape == (6, 1, 16) and values["s"].shape == (6, 1, 16)
+
+
+@pytest.mark.parametrize("name, params", [("quantize", {"latency_check": False}),
+                                          ("quantize_dynamic", {"min_size": 0}), ("prune", {"sparsity": 0.2})])
+def test_lossy_passes_reach_the_weights_of_a_scan_body(name, params):
+    proto = scan_rnn()
+    model = load(proto)
+    result = get(name)(**params).run(model, PassContext(calibration=CalibrationData(scan_feeds(6, 1), "scan")))
+    assert result.changed and set(result.stats["per_subgraph"]) == {"rnn/body"}
+    held = scan_feeds(4, 2)
+    want = [make_session(proto).run(None, f)[1] for f in held]
+    got = [make_session(model.to_proto()).run(None, f)[1] for f in held]
+    for w, g in zip(want, got):
+        assert float(w.ravel() @ g.ravel() / np.linalg.norm(w) / np.linalg.norm(g)) >= 0.99
