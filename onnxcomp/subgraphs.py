@@ -14,7 +14,9 @@ graphsurgeon: by object, so an outer tensor's `outputs` lists subgraph readers t
   branch outputs an empty placeholder of the same type, the If gets a matching output; a
   `Loop`/`Scan` body outputs it as an extra scan output (values stacked per iteration). The
   returned aliases map each requested name to the main-graph output that carries it; a value
-  of size 0 means "that branch did not run" (see `onnxcomp.calibration.capture`).
+  of size 0 means "that branch did not run" (see `onnxcomp.calibration.capture`). Not routed:
+  tensors of an If branch inside a loop body (the branch taken may change per iteration, and a
+  placeholder cannot be stacked with real values) and of subgraphs of other ops.
 """
 
 from __future__ import annotations
@@ -229,8 +231,11 @@ def expose(proto: onnx.ModelProto, names: Iterable[str], types: dict[str, onnx.T
                 existing.add(name)
             aliases[name] = name
             continue
-        if any(owner.op_type not in ("If",) + LOOPS for owner, _, _ in loc.chain):
+        ops = [owner.op_type for owner, _, _ in loc.chain]
+        if any(op not in ("If",) + LOOPS for op in ops):
             continue
+        if any(op in LOOPS for op in ops) and "If" in ops[next(i for i, op in enumerate(ops) if op in LOOPS):]:
+            continue  # an If inside a loop body may take either branch per iteration: not stackable
         current, graph = name, loc.graph
         for owner, attr_name, parent in reversed(loc.chain):
             routed = fresh(f"{name}__out")

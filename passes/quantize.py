@@ -110,8 +110,10 @@ class Quantize(Pass):
 
         quantized, plan, inserted = build([])
         if scoped["last"].not_calibrated:
+            stats["subgraphs_not_calibrated"] = scoped["last"].not_calibrated
             ctx.note(f"quantize: {len(scoped['last'].not_calibrated)} subgraph(s) kept in float: no calibration "
-                     f"sample ran them ({', '.join(scoped['last'].not_calibrated[:4])})")
+                     f"sample ran them, or they sit in an If inside a loop body "
+                     f"({', '.join(scoped['last'].not_calibrated[:4])})")
         if embedding_stats.get("embeddings_quantized"):
             stats.update(embedding_stats)
         if not plan.anchors() and not embedding_stats.get("embeddings_quantized"):

@@ -245,3 +245,38 @@ def test_lossy_passes_reach_the_weights_of_a_scan_body(name, params):
     got = [make_session(model.to_proto()).run(None, f)[1] for f in held]
     for w, g in zip(want, got):
         assert float(w.ravel() @ g.ravel() / np.linalg.norm(w) / np.linalg.norm(g)) >= 0.99
+
+
+def test_an_if_inside_a_loop_body_is_not_routed_out_and_its_branch_stays_float():
+    """The branch an If takes may change per iteration, so its tensors cannot be stacked: capture
+    leaves them out, and quantize keeps that branch in float (and says so) instead of failing."""
+    from onnx import TensorProto, helper
+
+    vi = helper.make_tensor_value_info
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (8, 8)).astype(np.float32), "w_in_if")
+    then = helper.make_graph([helper.make_node("MatMul", ["h", "w_in_if"], ["t_out"], name="t_mm")], "t", [],
+                             [vi("t_out", TensorProto.FLOAT, [1, 8])], [w])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["e_out"], name="e_neg")], "e", [],
+                              [vi("e_out", TensorProto.FLOAT, [1, 8])])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"], name="b_cond"),
+         helper.make_node("Cast", ["i"], ["i_f"], name="b_cast", to=TensorProto.FLOAT),
+         helper.make_node("Mod", ["i", "two"], ["odd"], name="b_mod"),
+         helper.make_node("Cast", ["odd"], ["odd_b"], name="b_bool", to=TensorProto.BOOL),
+         helper.make_node("If", ["odd_b"], ["h2"], name="b_if", then_branch=then, else_branch=other),
+         helper.make_node("Tanh", ["h2"], ["h_out"], name="b_tanh")], "body",
+        [vi("i", TensorProto.INT64, []), vi("cond", TensorProto.BOOL, []), vi("h", TensorProto.FLOAT, [1, 8])],
+        [vi("cond_out", TensorProto.BOOL, []), vi("h_out", TensorProto.FLOAT, [1, 8])],
+        [onnx.numpy_helper.from_array(np.array(2, np.int64), "two")])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], name="loop", body=body)], "g",
+        [vi("x", TensorProto.FLOAT, [1, 8])], [vi("y", TensorProto.FLOAT, [1, 8])],
+        [onnx.numpy_helper.from_array(np.array(3, np.int64), "trips")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": np.random.default_rng(i).normal(0, 1, (1, 8)).astype(np.float32)} for i in range(3)]
+    (_, values), = list(capture(proto, ["t_out", "h_out", "h"], feeds[:1]))
+    assert "t_out" not in values and values["h_out"].shape == (3, 1, 8)
+    model = load(proto)
+    result = get("quantize")(latency_check=False).run(model, ctx := PassContext(calibration=CalibrationData(feeds, "f")))
+    assert not result.changed and result.stats["subgraphs_not_calibrated"] == ["loop/body/b_if/then_branch"]
+    assert any("If inside a loop body" in note for note in ctx.notes)

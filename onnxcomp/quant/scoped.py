@@ -4,7 +4,8 @@ Each graph gets its own plan (onnxcomp.quant.placement) and its own Q/DQ nodes, 
 never reads a DequantizeLinear it cannot see; a tensor read in several graphs (an outer-scope
 input read inside a branch) gets one Q/DQ pair per graph that quantizes a reader, with the same
 parameters (ranges are by tensor name, and names are unique model-wide). A subgraph none of
-whose tensors got a calibration range (a branch no sample ran) is left in float and listed.
+whose tensors got a calibration range (a branch no sample ran, or an If branch inside a loop
+body, which capture cannot route out) is left in float and listed.
 """
 
 from __future__ import annotations
