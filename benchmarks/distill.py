@@ -59,7 +59,7 @@ def digits_rows(quick: bool) -> tuple[list[dict], dict]:
             variants.append(("distilled + labels", variants[1][1], labelled))
         for kind, spec, data in variants:
             t0 = time.perf_counter()
-            result = onnxcomp.optimize(entry.path, spec, calibration=data, check=False)
+            result = onnxcomp.optimize(entry.path, spec, calibration=data, check=False, gate=False)
             seconds = time.perf_counter() - t0
             size = packed_bytes(result.model)
             acc = entry.evaluate(result.model.to_proto())["test_acc"]
@@ -89,7 +89,7 @@ def minilm_row(quick: bool) -> dict:
     ok, reason = entry.available()
     if not ok:
         return {"skipped": reason}
-    pruned = onnxcomp.optimize(entry.path, "fold, cleanup, prune(sparsity=0.7)", check=False).model
+    pruned = onnxcomp.optimize(entry.path, "fold, cleanup, prune(sparsity=0.7)", check=False, gate=False).model
     before = entry.evaluate(pruned.to_proto())
     length = 32  # padded (attention 0) so that sentences batch together
     sentences = minilm.SENTENCES[0::2] + model_card_sentences()

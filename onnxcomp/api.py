@@ -68,6 +68,9 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
         model_or_path = export(model_or_path, example_inputs).model
     source = load(model_or_path)
     check_model(source)  # passes assume a well-formed graph; refuse one that is not, naming why
+    from onnxcomp.repair import describe_nonfinite, nonfinite_initializers
+
+    warnings = list(source.load_notes) + [w for w in [describe_nonfinite(nonfinite_initializers(source))] if w]
     check_dims(source, dims or {})
     check_shapes(source, shapes or {})
     original = source.copy()
@@ -98,6 +101,7 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
         result = checking.run_with_gate(pipeline, source, ctx, held_to)
     else:
         result = pipeline.run(source, ctx)
+    result.report.notes[:0] = warnings  # what loading repaired or found, first
     checking.say_when_nothing_lossy_changed(result.report)
     if held_to is not None:
         checking.report_gated(result, held_to, original, ctx)

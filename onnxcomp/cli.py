@@ -168,10 +168,13 @@ def _staged(output: Path, write):
 
 def _check_output_path(output: Path, source: Path, force: bool) -> None:
     """Fail before any work when the output cannot or must not be written."""
+    from onnxcomp.files import check_writable
+
     if not output.parent.exists():
         raise OutputError(f"{output}: the folder {output.parent} does not exist")
     if _onto_input(output, source) and not force:
         raise OutputError(f"{output}: refusing to overwrite the input model (use --force)")
+    check_writable(output)
 
 
 @app.command()
@@ -232,8 +235,9 @@ def optimize(
         _check_output_path(output, model, force)
     if no_gate and any(option is not None for option in (max_drop, min_cosine, atol, gate_metric)):
         raise SpecError("--no-gate turns the accuracy gate off: drop --max-drop/--min-cosine/--atol/--gate-metric, or --no-gate")
-    if keep_failed is not None and not batch:
-        _check_output_path(keep_failed, model, force)
+    if not batch:
+        for path in [*report, *([keep_failed] if keep_failed is not None else [])]:
+            _check_output_path(path, model, force)
     spec = Pipeline.parse(pipeline if pipeline is not None else preset_spec(preset),
                           verify_each=verify_each, on_failure=on_failure)
     if require_speedup:
@@ -266,7 +270,7 @@ def optimize(
             source = load(model)
             with err.status("writing the HTML report (timing both models)…"):
                 write_html(path, result.report, source, result.model, providers.split(","),
-                           generate_inputs(source, 1, dims=dims, shapes=_shapes(shape))[0])
+                           generate_inputs(source, 1, dims=dims, shapes=_shapes(shape))[0], written=output)
         else:
             result.report.write(path)
     if as_json:

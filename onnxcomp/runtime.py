@@ -16,6 +16,15 @@ import onnx
 
 from onnxcomp.errors import InputError, OnnxcompError
 
+try:  # imported here, at the top, so that no caller's `except Exception` can swallow an interrupt:
+    import onnxruntime  # noqa: F401
+except ImportError as exc:
+    # A Ctrl-C while ORT's native module initializes comes out of pybind11 as ImportError
+    # ("initialization failed") caused by the KeyboardInterrupt: give the interrupt back.
+    if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+        raise KeyboardInterrupt from None
+    raise
+
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",

@@ -27,7 +27,7 @@ def digits():
 @pytest.fixture(scope="module")
 def pruned(digits):
     entry, train = digits
-    return onnxcomp.optimize(entry.path, PRUNE, calibration=train, check=False).model
+    return onnxcomp.optimize(entry.path, PRUNE, calibration=train, check=False, gate=False).model
 
 
 def initializers(model) -> dict[str, np.ndarray]:
@@ -37,7 +37,7 @@ def initializers(model) -> dict[str, np.ndarray]:
 def test_distillation_after_heavy_pruning_raises_test_accuracy(digits, pruned):
     entry, train = digits
     before = entry.evaluate(pruned.to_proto())["test_acc"]
-    result = onnxcomp.optimize(entry.path, PRUNE + ", distill(epochs=8)", calibration=train, check=False)
+    result = onnxcomp.optimize(entry.path, PRUNE + ", distill(epochs=8)", calibration=train, check=False, gate=False)
     after = entry.evaluate(result.model.to_proto())["test_acc"]
     stats = result.report.passes[-1].stats
     assert stats["loss_last"] < stats["loss_first"]
@@ -60,7 +60,7 @@ def test_pruned_weights_stay_zero(digits, pruned):
 
 def test_codebook_layers_keep_their_indices_and_number_of_shared_values(digits, pruned):
     entry, train = digits
-    student = onnxcomp.optimize(pruned.copy(), "codebook(bits=3)", check=False).model
+    student = onnxcomp.optimize(pruned.copy(), "codebook(bits=3)", check=False, gate=False).model
     before = initializers(student)
     distill(student, entry.path, train, DistillConfig(epochs=2))
     after = initializers(student)
@@ -76,7 +76,7 @@ def test_codebook_layers_keep_their_indices_and_number_of_shared_values(digits, 
 def test_int8_qdq_weights_stay_int8_with_their_scales(digits):
     entry, train = digits
     student = onnxcomp.optimize(entry.path, "fold, cleanup, fuse, quantize(per_channel=true)", calibration=train[:64],
-                                check=False).model
+                                check=False, gate=False).model
     before = initializers(student)
     result = distill(student, entry.path, train[:256], DistillConfig(epochs=2))
     after = initializers(student)
@@ -115,12 +115,12 @@ def test_distill_pass_on_an_in_memory_model_is_taught_by_that_model(digits, tmp_
     entry, train = digits
     in_memory = entry.load()  # a ModelProto: no file behind it
     spec = PRUNE + ", distill(epochs=2{})"
-    taught = onnxcomp.optimize(in_memory, spec.format(""), calibration=train[:256], check=False)
+    taught = onnxcomp.optimize(in_memory, spec.format(""), calibration=train[:256], check=False, gate=False)
     stats = taught.report.passes[-1].stats
     assert stats["loss_last"] < stats["loss_first"]
     teacher = tmp_path / "teacher.onnx"
     onnx.save(in_memory, teacher)
-    named = onnxcomp.optimize(in_memory, spec.format(f", teacher={teacher}"), calibration=train[:256], check=False)
+    named = onnxcomp.optimize(in_memory, spec.format(f", teacher={teacher}"), calibration=train[:256], check=False, gate=False)
     assert named.report.passes[-1].stats["loss_last"] == stats["loss_last"]  # the same teacher, the same run
     assert all(np.array_equal(w, initializers(named.model)[k]) for k, w in initializers(taught.model).items())
 

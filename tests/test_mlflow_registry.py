@@ -163,13 +163,18 @@ def test_optimize_registers_a_new_version_with_reports_figures_and_a_link_to_the
 
 
 def test_a_failed_gate_registers_nothing(registry, tmp_path):
-    server = registry["url"]
+    server, data = registry["url"], registry["data"]
     client = _client(server)
     before = _store_state(client)
-    done = run_cli("registry", "optimize", "--tracking-uri", server, "--model", MODEL, "--version", "1",
-                   "--pipeline", "prune(sparsity=0.99)", "--min-cosine", "0.9999", "--budget", "0", cwd=tmp_path)
+    args = ("registry", "optimize", "--tracking-uri", server, "--model", MODEL, "--version", "1",
+            "--pipeline", "prune(sparsity=0.99)", "--min-cosine", "0.9999", "--budget", "0")
+    done = run_cli(*args, "--evaluation", data / "digits.evaluation.npz", cwd=tmp_path)
     assert done.returncode == 1
-    assert_one_line_error(done, "cosine", "nothing was registered")
+    assert_one_line_error(done, "cosine", "still fails")
+    assert _store_state(client) == before
+    refused = run_cli(*args, cwd=tmp_path)  # a lossy pipeline without data: refused before any work
+    assert refused.returncode == 2
+    assert_one_line_error(refused, "no data to check it on")
     assert _store_state(client) == before
 
 

@@ -100,7 +100,7 @@ def test_minilm_dynamic_quantization_keeps_mean_embedding_cosine_above_0_99():
     ok, why = e.available()
     if not ok:
         pytest.skip(why)
-    result = onnxcomp.optimize(e.path, "quantize_dynamic", check=False)
+    result = onnxcomp.optimize(e.path, "quantize_dynamic", check=False, gate=False)
     assert e.evaluate(result.model.to_proto())["cos_mean"] >= 0.99
 
 
