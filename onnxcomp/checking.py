@@ -136,9 +136,38 @@ def report_lossless(result, original: Model, ctx: PassContext, tolerance: Tolera
     result.report.validation = validation
 
 
-def say_when_nothing_lossy_changed(report: Report) -> None:
-    """A lossy pipeline whose lossy passes all changed nothing says so, with each pass's reason."""
+def say_when_nothing_lossy_changed(report: Report, original: Model, result: Model) -> None:
+    """A lossy pipeline that left every weight as it was says so in one line, with each lossy
+    pass's own reason (e.g. quantize_dynamic on a model without MatMul/Gemm/Conv, or a gate that
+    backed every pass off)."""
     lossy = [r for r in report.passes if not r.lossless]
-    if lossy and not any(r.changed for r in lossy):
-        reasons = [f"{r.spec}: {r.stats.get('reason') or r.message or 'nothing to change'}" for r in lossy]
-        report.notes.append("no lossy pass changed the model: " + "; ".join(reasons))
+    if not lossy or not weight_digests(original) <= weight_digests(result):
+        return
+    reasons = [f"{r.spec}: {r.stats.get('reason') or r.message or _what_it_did(r)}" for r in lossy]
+    report.notes.append("no weight was changed by the lossy passes: " + "; ".join(reasons))
+
+
+def _what_it_did(record) -> str:
+    if not record.changed:
+        return "nothing to change"
+    quantized = record.stats.get("weights_quantized", record.stats.get("quantized_nodes"))
+    return "changed the graph only" if quantized is None else f"{quantized} weights quantized"
+
+
+def weight_digests(model: Model) -> set[bytes]:
+    """Content digests of the float weights (16+ values) of every graph of the model."""
+    import hashlib
+
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    from onnxcomp.subgraphs import scopes
+
+    digests = set()
+    for scope in scopes(model.graph):
+        for tensor in scope.graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and tensor.dtype is not None and \
+                    np.dtype(tensor.dtype).kind == "f" and int(np.prod(tensor.shape or ())) >= 16:
+                values = np.ascontiguousarray(tensor.values)
+                digests.add(hashlib.blake2b(values.tobytes(), digest_size=16).digest() + str(values.shape).encode())
+    return digests

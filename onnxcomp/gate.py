@@ -297,7 +297,9 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
     passes = list(pipeline.passes)
     path: list[dict[str, Any]] = []
     best = None  # (closeness, model) of the attempt nearest the gate: --keep-failed writes it
+    notes_before = list(ctx.notes)
     for attempt in range(checker.gate.budget + 1):
+        ctx.notes[:] = notes_before  # a discarded attempt's notes do not describe the result
         snapshots = []
         trial = Pipeline(passes, verify_each=pipeline.verify_each, on_failure=pipeline.on_failure)
         result = trial.run(source.copy(), ctx, snapshots=snapshots)

@@ -1,6 +1,6 @@
 """Control flow through every lossy pass: weights inside If branches and Loop bodies (nested).
 
-The model (tests/control_flow_models.py) is silero-VAD shaped: a 0-d `sr`, a `state` whose batch
+The model (models/vad.py) is silero-VAD shaped: a 0-d `sr`, a `state` whose batch
 axis is 1, an If on the sample rate whose branches hold every weight, a nested If reading a
 branch value, a Loop whose body reads a value from outside. Every test runs the real model on
 ONNX Runtime on held-out feeds of both sample rates and compares with the original.
@@ -18,7 +18,7 @@ from onnxcomp.model import load
 from onnxcomp.registry import get
 from onnxcomp.runtime import make_session
 from onnxcomp.subgraphs import scopes
-from tests.control_flow_models import SUBGRAPH_WEIGHTS, vad_feeds, vad_model
+from models.vad import SUBGRAPH_WEIGHTS, vad_feeds, vad_model
 
 HELD_OUT = vad_feeds(16, seed=7)  # 8 at 16 kHz, 8 at 8 kHz; DC offsets of both signs (both inner branches)
 BRANCHES = ("sample_rate_if/then_branch", "sample_rate_if/else_branch", "sample_rate_if/else_branch/lo_loop/body",

@@ -23,7 +23,7 @@ from .helpers import assert_one_line_error, run_cli_here
 @pytest.fixture(scope="module")
 def vad_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("vad") / "vad.onnx"
-    onnx.save(vad.build_vad(), path)
+    onnx.save(vad.vad_model(), path)
     return path
 
 
@@ -32,7 +32,7 @@ def _specs(path):
 
 
 def test_a_stacked_npz_with_a_0d_rate_and_a_fixed_state_gives_one_complete_feed_per_sample(vad_path, tmp_path):
-    chunks = np.concatenate(vad.audio_chunks(6))  # [6, 512]: samples on axis 0, batches of one
+    chunks = np.concatenate([f["input"] for f in vad.vad_feeds(6)])  # [6, 512]: samples on axis 0
     np.savez(tmp_path / "cal.npz", input=chunks, sr=np.array(16000), state=np.zeros((2, 1, 64), np.float32))
     data = CalibrationData.from_source(tmp_path / "cal.npz", specs=_specs(vad_path))
     assert len(data) == 6
@@ -44,7 +44,7 @@ def test_a_stacked_npz_with_a_0d_rate_and_a_fixed_state_gives_one_complete_feed_
 
 def test_the_per_sample_layout_expresses_anything_and_plain_keys_are_shared(vad_path, tmp_path):
     arrays = {"state": np.zeros((2, 1, 64), np.float32)}
-    for i, feed in enumerate(vad.feeds(3, seed=1) + vad.feeds(2, seed=2, rate=8000)):
+    for i, feed in enumerate(vad.vad_feeds(3, seed=1, rates=(16000,)) + vad.vad_feeds(2, seed=2, rates=(8000,))):
         arrays[f"sample_{i}/input"] = feed["input"]
         arrays[f"sample_{i}/sr"] = feed["sr"]
     np.savez(tmp_path / "cal.npz", **arrays)
@@ -57,7 +57,7 @@ def test_a_folder_of_npz_files_is_one_feed_per_file_and_npy_files_feed_a_one_inp
                                                                                          tmp_path):
     folder = tmp_path / "feeds"
     folder.mkdir()
-    for i, feed in enumerate(vad.feeds(4)):
+    for i, feed in enumerate(vad.vad_feeds(4)):
         np.savez(folder / f"{i:03d}.npz", **feed)
     assert len(CalibrationData.from_source(folder, specs=_specs(vad_path))) == 4
     digits = tmp_path / "digits"
@@ -73,24 +73,25 @@ def test_python_iterables_and_ort_calibration_data_readers_are_taken_as_they_are
 
     class Reader(CalibrationDataReader):  # what a user migrating from ORT's quantizer already has
         def __init__(self):
-            self.items = iter(vad.feeds(5))
+            self.items = iter(vad.vad_feeds(5))
 
         def get_next(self):
             return next(self.items, None)
 
     from_reader = CalibrationData.from_source(Reader(), specs=_specs(vad_path))
-    from_generator = CalibrationData.from_source((f for f in vad.feeds(5)), specs=_specs(vad_path))
+    from_generator = CalibrationData.from_source((f for f in vad.vad_feeds(5)), specs=_specs(vad_path))
     assert len(from_reader) == len(from_generator) == 5
     assert all(np.array_equal(a["input"], b["input"]) for a, b in zip(from_reader, from_generator))
 
 
 def test_carried_state_is_what_the_input_model_output_on_the_previous_sample(vad_path):
-    data = CalibrationData.from_source(vad.feeds(4), specs=_specs(vad_path))
+    given = vad.vad_feeds(4)
+    data = CalibrationData.from_source([dict(f) for f in given], specs=_specs(vad_path))
     data.carry_state(onnx.load(vad_path), {"stateN": "state"})
     session = make_session(vad_path)
     for previous, current in zip(data.feeds, data.feeds[1:]):
         np.testing.assert_array_equal(current["state"], run(session, previous)["stateN"])
-    assert not np.any(data.feeds[0]["state"])  # the first sample keeps the state it was given
+    np.testing.assert_array_equal(data.feeds[0]["state"], given[0]["state"])  # the first keeps its own
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -122,7 +123,7 @@ def test_a_calibration_file_that_is_not_a_zip_or_holds_pickles_is_one_line(vad_p
 
 
 def test_lossless_validation_runs_on_the_users_data_and_says_so(vad_path, tmp_path):
-    arrays = {f"sample_{i}/{k}": v for i, f in enumerate(vad.feeds(3)) for k, v in f.items()}
+    arrays = {f"sample_{i}/{k}": v for i, f in enumerate(vad.vad_feeds(3)) for k, v in f.items()}
     np.savez(tmp_path / "cal.npz", **arrays)
     done = run_cli_here("optimize", vad_path, "-o", tmp_path / "o.onnx", "--preset", "lossless",
                         "--calibration", tmp_path / "cal.npz", "--carry-state", "stateN=state", "--json")
