@@ -247,6 +247,8 @@ def optimize(
                    check=check, gate=False if no_gate else _gate(max_drop, min_cosine, atol, budget, gate_metric),
                    dims=dims, shapes=_shapes(shape), carry_state=_carry(carry_state))
     if batch:
+        if keep_failed is not None:
+            raise SpecError("--keep-failed is for one model; batch mode writes nothing for a model below the gate")
         _optimize_many(models, output, spec, options, force, jobs, ray, summary, report, as_json)
         return
     with err.status("loading…") as status:
@@ -570,12 +572,15 @@ def registry_optimize(
     preprocess: PreprocessOpt = None,
     providers: ProvidersOpt = "cpu",
     dim: DimOpt = [],
+    shape: ShapeOpt = [],
+    carry_state: CarryOpt = [],
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     min_cosine: MinCosineOpt = None,
     max_drop: MaxDropOpt = None,
     gate_metric: GateMetricOpt = None,
     budget: BudgetOpt = 6,
+    no_gate: NoGateOpt = False,
 ):
     """Compress a registered ONNX model version under the gate and register the result as a new version."""
     from onnxcomp.mlflow_registry import optimize_version, require_mlflow
@@ -591,7 +596,8 @@ def registry_optimize(
         result = optimize_version(tracking_uri, model, version, spec, target_name=target_name, experiment=experiment,
                                   calibration=calibration, evaluation=evaluation, preprocess=preprocess,
                                   providers=providers, tolerance=_tolerance(atol, rtol, min_cosine),
-                                  gate=_gate(max_drop, min_cosine, atol, budget, gate_metric), dims=dims, progress=lambda step, fraction: status.update(f"[{fraction:4.0%}] {step}"))
+                                  gate=False if no_gate else _gate(max_drop, min_cosine, atol, budget, gate_metric), dims=dims,
+                                  shapes=_shapes(shape), carry_state=_carry(carry_state), progress=lambda step, fraction: status.update(f"[{fraction:4.0%}] {step}"))
     out.print(result.report.table())
     m = result.metrics
     out.print(f"registered {result.name} version {result.version} (run {result.run_id}) from {result.source} "

@@ -69,9 +69,11 @@ class RegisteredResult:
 
 def optimize_version(tracking_uri: str | None, name: str, version: str, pipeline, *, target_name: str | None = None,
                      experiment: str = "onnxcomp", calibration=None, evaluation=None, preprocess=None,
-                     providers: str = "cpu", tolerance=None, gate=None, dims=None, progress=None) -> RegisteredResult:
+                     providers: str = "cpu", tolerance=None, gate=None, dims=None, progress=None,
+                     **data_options) -> RegisteredResult:
     """Compress version `version` of registered model `name`; register the result as a new version
-    of `target_name` (default: `name`). Raises GateFailed (nothing registered) when the gate fails."""
+    of `target_name` (default: `name`). Raises GateFailed (nothing registered) when the gate fails.
+    `data_options` (shapes, carry_state) go to onnxcomp.optimize as they are."""
     mlflow = require_mlflow()
     from mlflow import MlflowClient
 
@@ -89,7 +91,8 @@ def optimize_version(tracking_uri: str | None, name: str, version: str, pipeline
         source_path = fetch_onnx(mlflow, client, source_version, uri, work / "source")
         result, figures, paths = _optimize(source_path, pipeline, work / "out", calibration=calibration,
                                            evaluation=evaluation, preprocess=preprocess, providers=providers,
-                                           tolerance=tolerance, gate=gate, dims=dims, progress=progress)
+                                           tolerance=tolerance, gate=gate, dims=dims, progress=progress,
+                                           **data_options)
         if progress:
             progress("registering the result", 1.0)
         return _register(mlflow, client, uri, source_version, target_name or name, experiment, result, figures,
@@ -153,7 +156,7 @@ def _onnx_artifacts(client, run_id: str, folder: str | None = None) -> list[str]
 
 
 def _optimize(source_path: Path, pipeline, out: Path, *, calibration, evaluation, preprocess, providers,
-              tolerance, gate, dims, progress):
+              tolerance, gate, dims, progress, **data_options):
     """Run the pipeline with the gate (onnxcomp.api.optimize), then write the model and both
     reports to `out` and gather the figures to log."""
     from onnxcomp.api import optimize
@@ -165,7 +168,8 @@ def _optimize(source_path: Path, pipeline, out: Path, *, calibration, evaluation
 
     try:
         result = optimize(source_path, pipeline, calibration, providers, evaluation=evaluation,
-                          preprocess=preprocess, tolerance=tolerance, progress=progress, gate=gate, dims=dims)
+                          preprocess=preprocess, tolerance=tolerance, progress=progress, gate=gate, dims=dims,
+                          **data_options)
     except GateFailed as exc:
         raise GateFailed(f"{exc}; nothing was registered") from None
     validation = result.report.validation or {}
