@@ -102,7 +102,7 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
     else:
         result = pipeline.run(source, ctx)
     result.report.notes[:0] = warnings  # what loading repaired or found, first
-    checking.say_when_nothing_lossy_changed(result.report, original, result.model)
+    checking.say_when_nothing_lossy_changed(result.report)
     if held_to is not None:
         checking.report_gated(result, held_to, original, ctx)
     elif not pipeline.lossless:

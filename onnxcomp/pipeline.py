@@ -87,6 +87,7 @@ class Pipeline:
             if ctx.progress:
                 ctx.progress(str(pass_), index / max(1, len(self.passes)))
             before = model.summary()
+            weights_before = None if pass_.lossless else weight_digests(model)
             snapshot = model.copy() if (self.verify_each or self.on_failure == "continue") else None
             t0 = time.perf_counter()
             try:
@@ -104,6 +105,9 @@ class Pipeline:
             seconds = time.perf_counter() - t0
             record = PassRecord(str(pass_), pass_.lossless, "ok" if result.changed else "unchanged",
                                 result.changed, seconds, before, model.summary(), dict(result.stats))
+            if weights_before is not None:
+                weights_after = weight_digests(model)
+                record.weights_changed = None if weights_after is None else bool(weights_after - weights_before)
             report.passes.append(record)
             if result.changed:
                 ctx.invalidate(keep=getattr(pass_, "preserves", ()))
@@ -133,6 +137,32 @@ class Pipeline:
         report.notes.extend(ctx.notes)
         report.seconds = time.perf_counter() - started
         return PipelineResult(model, report)
+
+
+def weight_digests(model: Model) -> set[bytes] | None:
+    """Content digests of every weight (16+ values, any dtype, every graph, Constant nodes too), to
+    tell whether a lossy pass made any weight the model did not hold before. None past 2 GB of
+    weights: hashing would read every external weight into memory."""
+    import hashlib
+
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    from onnxcomp.model import PROTOBUF_LIMIT
+    from onnxcomp.subgraphs import scopes
+
+    if model.summary()["param_bytes"] > PROTOBUF_LIMIT:
+        return None
+    digests = set()
+    for scope in scopes(model.graph):
+        values = [t.values for t in scope.graph.tensors().values() if isinstance(t, gs.Constant)]
+        values += [n.attrs["value"].values for n in scope.graph.nodes
+                   if n.op == "Constant" and isinstance(n.attrs.get("value"), gs.Constant)]
+        for value in values:
+            value = np.ascontiguousarray(value)
+            if value.size >= 16:
+                digests.add(hashlib.blake2b(value.tobytes(), digest_size=16).digest() + str(value.shape).encode())
+    return digests
 
 
 def as_pipeline(spec: str | Pipeline | Sequence[Pass], **options: Any) -> Pipeline:

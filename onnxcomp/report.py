@@ -20,6 +20,7 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     verification: str = ""
     message: str = ""
+    weights_changed: bool | None = None  # lossy passes: did it make any weight the model lacked before?
 
 
 @dataclass

@@ -102,3 +102,23 @@ def test_the_score_map_check_catches_a_detector_that_finds_nothing_though_its_co
     assert cosine > 0.99  # the raw cosine cannot see it...
     assert score_agreement(scores, no_faces) == 0.0  # ...the face decisions can
     assert score_agreement(scores, scores) == 1.0
+
+
+def test_a_lossy_run_that_changed_no_weight_exits_0_and_says_why_in_one_line(mnist_path, mnist_calibration, tmp_path):
+    calibration, _ = mnist_calibration
+    done = run_cli_here("optimize", mnist_path, "-o", tmp_path / "out.onnx", "--pipeline",
+                        "quantize_dynamic(min_size=100000000)", "--calibration", calibration)
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stdout.splitlines() if line.startswith("note: no weight was changed")]
+    assert len(notes) == 1 and "quantize_dynamic(min_size=100000000): " in notes[0], done.stdout
+
+
+def test_the_dynamic_preset_on_a_conv_model_quantizes_its_convs_under_the_gate(mnist_path, mnist_calibration, tmp_path):
+    calibration, _ = mnist_calibration
+    out = tmp_path / "out.onnx"
+    done = run_cli_here("optimize", mnist_path, "-o", out, "--preset", "dynamic", "--calibration", calibration, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["validation"]["passed"] is True
+    assert not any(note.startswith("no weight was changed") for note in report["notes"])
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in onnx.load(out).graph.initializer)
