@@ -324,7 +324,8 @@ def _optimize_many(models, outdir, spec, options, force, jobs, ray, summary, rep
 def validate(
     reference: Path = typer.Argument(..., help="Reference model."),
     candidate: Path = typer.Argument(..., help="Candidate model (e.g. the optimized one)."),
-    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs as .npz (samples on axis 0); else generated."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs: .npz (samples on axis 0, or sample_0/NAME "
+                                                                 "keys) or a folder of .npz/.npy files; else generated."),
     providers: str = typer.Option("cpu", "--providers", help="Execution providers, e.g. cpu,cuda."),
     atol: float = typer.Option(1e-5, "--atol"),
     rtol: float = typer.Option(1e-4, "--rtol"),
@@ -332,13 +333,14 @@ def validate(
     samples: int = typer.Option(2, "--samples", help="Generated input samples when no --inputs."),
     dim: list[str] = typer.Option([], "--dim", help="Size of a symbolic input dimension in generated inputs, "
                                                       "NAME=SIZE (repeatable)."),
+    shape: ShapeOpt = [],
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Run REFERENCE and CANDIDATE on the same inputs; exit 0 within tolerance, 1 outside, 2 on error."""
     from onnxcomp.validate import validate as run_validate
 
     result = run_validate(reference, candidate, str(inputs) if inputs else None, providers,
-                          _tolerance(atol, rtol, min_cosine), samples=samples, dims=_dims(dim))
+                          _tolerance(atol, rtol, min_cosine), samples=samples, dims=_dims(dim), shapes=_shapes(shape))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -218,9 +218,9 @@ def validate(reference, candidate, inputs: Iterable[dict[str, np.ndarray]] | str
     ref_model, cand_model = load(reference), load(candidate)
     ref_proto, cand_proto = ref_model.to_proto(), cand_model.to_proto()
     if isinstance(inputs, str):
-        from onnxcomp.calibration import CalibrationData
+        from onnxcomp.feeds import CalibrationData, input_specs
 
-        inputs = CalibrationData.from_source(inputs)
+        inputs = CalibrationData.from_source(inputs, specs=input_specs(ref_proto))
     tolerance = tolerance or Tolerance()
     try:
         feeds = list(inputs) if inputs is not None else generate_inputs(ref_proto, samples, dims=dims, shapes=shapes)
