@@ -94,13 +94,15 @@ def remove_node_keep_output_names(graph: gs.Graph, node: gs.Node, keep_input: in
 
     Graph output names never change: when the output is a graph output, the input tensor takes
     the output's name, which is only safe when that input is an inner tensor of this graph
-    (produced by a node, not a graph input, constant or other graph output). Otherwise the node
+    (produced by a node of this graph, not a graph input, constant, other graph output or a
+    tensor of an outer scope when `graph` is a subgraph). Otherwise the node
     is kept and False is returned.
     """
     source, result = node.inputs[keep_input], node.outputs[0]
     if is_graph_output(graph, result):
         if (isinstance(source, gs.Constant) or is_graph_input(graph, source) or is_graph_output(graph, source)
-                or not source.inputs or sum(t is result for t in graph.outputs) != 1):
+                or not source.inputs or sum(t is result for t in graph.outputs) != 1
+                or not any(n is source.inputs[0] for n in graph.nodes)):  # (an outer-scope tensor)
             return False
         if source.dtype is None and result.dtype is not None:
             source.dtype = result.dtype

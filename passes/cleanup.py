@@ -7,13 +7,17 @@ Rewrites (every one leaves outputs bit-identical)
     Reshape(x, s) where s resolves to shape(x)   -> x
     Expand(x, s) where broadcast(shape(x), s) == shape(x) -> x
     Transpose(x, perm=identity), Concat(x)       -> x
-    Pad(x, pads=0...), Slice(x) over the full range  -> x
+    Pad(x, pads=0...), Slice(x) over the full range  -> x   (start 0, end >= 2**62: any size)
     Mul(x, 1), Div(x, 1), Add(x, -0.0), Sub(x, +0.0) (ints: 0) where the constant broadcasts
         without changing shape(x)                -> x     (+0.0 is not neutral for Add: -0 + 0 = +0)
     nodes whose outputs nobody reads             -> removed
     Constants with equal dtype, shape and bytes  -> one Constant
     two nodes with the same op, attributes and inputs (deterministic) -> one node
 
+Every graph is cleaned: the main graph and every If/Loop/Scan subgraph (nested too), with types
+from one shape inference of the whole model. A subgraph output that passes an outer-scope tensor
+or a graph input through an Identity keeps its Identity (the subgraph must produce it); merged
+initializers keep names unique model-wide; inputs with a default value are never merged.
 Graph inputs are kept (users feed them); graph output names never change. Ops of custom domains
 are left untouched. Shapes and types come from onnx shape inference, run only when a candidate
 needs them.
@@ -29,9 +33,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcomp import graph_utils as gu
+from onnxcomp import subgraph_fold as sf
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.model import peek_values
 from onnxcomp.registry import register
+from onnxcomp.subgraphs import scopes, unique_weight_names
 
 NOOP_CANDIDATES = {"Identity", "Dropout", "Cast", "CastLike", "Reshape", "Expand", "Transpose", "Pad", "Slice",
                    "Concat", "Mul", "Div", "Add", "Sub"}
@@ -55,38 +61,51 @@ class Cleanup(Pass):
     def run(self, model, ctx) -> PassResult:
         graph = model.graph
         stats: Counter = Counter()
+        counts_before = sf.node_counts(graph)
         if self.config.noops:
             self._remove_noops(model, stats)
         if self.config.merge_duplicates:
-            stats["initializers_merged"] = _merge_duplicates(graph)
-            stats["duplicate_nodes_merged"] = _merge_duplicate_nodes(graph)
+            if counts_before[1]:
+                stats["weights_renamed"] = unique_weight_names(graph)  # merging must not bring two names together
+            stats["initializers_merged"] = _merge_duplicates(graph, model.initializer_inputs)
+            graph.toposort()  # (every graph: the merges cascade in topological order)
+            stats["duplicate_nodes_merged"] = sum(_merge_duplicate_nodes(s.graph) for s in scopes(graph))
         before = [id(n) for n in graph.nodes]
-        graph.cleanup(remove_unused_graph_inputs=False)
-        stats["dead_nodes_removed"] = max(0, len(before) - len(graph.nodes) - stats["noops_removed"])
+        total_before = sum(counts_before) - stats["noops_removed"]
+        graph.cleanup(remove_unused_graph_inputs=False)  # (subgraphs included)
+        counts_after = sf.node_counts(graph)
+        stats["dead_nodes_removed"] = max(0, total_before - sum(counts_after))
         graph.toposort()
         reordered = [id(n) for n in graph.nodes] != [i for i in before if i in {id(n) for n in graph.nodes}]
         stats["dead_nodes_removed"] = max(0, stats["dead_nodes_removed"] - stats["duplicate_nodes_merged"])
         changed = bool(stats["noops_removed"] or stats["initializers_merged"] or stats["dead_nodes_removed"]
-                       or stats["duplicate_nodes_merged"]
+                       or stats["duplicate_nodes_merged"] or stats["weights_renamed"]
                        or reordered)
-        return PassResult(changed=changed, stats={k: v for k, v in stats.items() if v})
+        if counts_before[1] or counts_after[1]:
+            stats["subgraph_nodes_before"], stats["subgraph_nodes_after"] = counts_before[1], counts_after[1]
+        return PassResult(changed=changed, stats={k: v for k, v in stats.items() if v or k.startswith("subgraph")})
 
     def _remove_noops(self, model, stats: Counter) -> None:
         graph = model.graph
-        candidates = [n for n in graph.nodes if n.op in NOOP_CANDIDATES and gu.is_standard(n)]
-        if not candidates:
+        work = [(s.graph, [n for n in s.graph.nodes if n.op in NOOP_CANDIDATES and gu.is_standard(n)])
+                for s in scopes(graph)]
+        work = [(g, nodes) for g, nodes in work if nodes]
+        if not work:
             return
-        facts = gu.infer_types(model.to_proto(weights=False)) if any(n.op in NEEDS_FACTS for n in candidates) else {}
+        needs = any(n.op in NEEDS_FACTS for _, nodes in work for n in nodes)
+        facts = sf.scoped_facts(model.to_proto(weights=False), graph) if needs else {}
         consumers = gu.consumers_map(graph)
-        for node in candidates:
-            try:
-                keep = _noop_input(node, facts, graph, consumers)
-            except (ValueError, TypeError, IndexError, KeyError):
-                keep = None
-            if keep is not None and gu.remove_node_keep_output_names(graph, node, keep):
-                stats["noops_removed"] += 1
-                stats[f"removed_{node.op}"] += 1
-                consumers = gu.consumers_map(graph)
+        for scope_graph, candidates in work:
+            known = facts.get(id(scope_graph), {})
+            for node in candidates:
+                try:
+                    keep = _noop_input(node, known, scope_graph, consumers, graph.opset)
+                except (ValueError, TypeError, IndexError, KeyError):
+                    keep = None
+                if keep is not None and gu.remove_node_keep_output_names(scope_graph, node, keep):
+                    stats["noops_removed"] += 1
+                    stats[f"removed_{node.op}"] += 1
+                    consumers = gu.consumers_map(graph)
 
 
 def _const(tensor) -> np.ndarray | None:
@@ -97,9 +116,9 @@ def _unused(tensor, graph, consumers) -> bool:
     return tensor.name == "" or (not consumers.get(id(tensor)) and not gu.is_graph_output(graph, tensor))
 
 
-def _noop_input(node: gs.Node, facts: dict, graph: gs.Graph, consumers: dict) -> int | None:
+def _noop_input(node: gs.Node, facts: dict, graph: gs.Graph, consumers: dict, opset: int) -> int | None:
     """The index of the input a no-op node passes through unchanged, or None."""
-    op, ins, opset = node.op, node.inputs, graph.opset
+    op, ins = node.op, node.inputs
     if len(node.outputs) < 1 or not ins or ins[0].name == "":
         return None
     if any(not _unused(t, graph, consumers) for t in node.outputs[1:]):
@@ -133,6 +152,9 @@ def _noop_input(node: gs.Node, facts: dict, graph: gs.Graph, consumers: dict) ->
         return 0 if pads is not None and not np.any(np.asarray(pads)) else None
     if op in ("Mul", "Div", "Add", "Sub"):
         return _neutral_operand(node, facts)
+    if op == "Slice":
+        r = gu.rank(facts, x)
+        return 0 if r is not None and _full_slice(node, shape or (None,) * r, opset) else None
     if shape is None:
         return None
     if op == "Reshape" and opset >= 5 and len(ins) > 1:
@@ -143,8 +165,6 @@ def _noop_input(node: gs.Node, facts: dict, graph: gs.Graph, consumers: dict) ->
         target = _const(ins[1])
         return 0 if target is not None and tuple(np.broadcast_shapes(shape, tuple(target.tolist()))) == shape \
             else None
-    if op == "Slice":
-        return 0 if _full_slice(node, shape, opset) else None
     return None
 
 
@@ -160,6 +180,8 @@ def _resolve_reshape(shape: tuple, target: np.ndarray, allowzero: int) -> tuple 
 
 
 def _full_slice(node: gs.Node, shape: tuple, opset: int) -> bool:
+    """True when the slice keeps every element; an unknown dimension (None) counts as full only
+    for start 0 and an end of at least 2**62 (INT64_MAX in exports), step 1."""
     ins = node.inputs
     if opset < 10:
         starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
@@ -175,10 +197,17 @@ def _full_slice(node: gs.Node, shape: tuple, opset: int) -> bool:
     starts, ends = [int(s) for s in np.reshape(starts, -1)], [int(e) for e in np.reshape(ends, -1)]
     axes = list(range(len(starts))) if axes is None else [int(a) for a in np.reshape(axes, -1)]
     steps = [1] * len(starts) if steps is None else [int(s) for s in np.reshape(steps, -1)]
+    if len({a % len(shape) if shape else a for a in axes}) != len(axes) or any(not -len(shape) <= a < len(shape)
+                                                                              for a in axes):
+        return False  # a bad axis: ORT refuses the node, and so must the model
     for start, end, axis, step in zip(starts, ends, axes, steps):
         dim = shape[axis]
         if step != 1:
             return False
+        if dim is None:
+            if start != 0 or end < 2**62:
+                return False
+            continue
         start = min(max(start + dim if start < 0 else start, 0), dim)
         end = min(max(end + dim if end < 0 else end, 0), dim)
         if start != 0 or end != dim:
@@ -222,14 +251,16 @@ def _keeps_shape(facts: dict, x: gs.Tensor, value: np.ndarray) -> bool:
     return shape is not None and value.ndim <= r and tuple(np.broadcast_shapes(shape, value.shape)) == shape
 
 
-def _merge_duplicates(graph: gs.Graph) -> int:
-    """Make every node read one Constant per distinct (dtype, shape, bytes); returns merges."""
+def _merge_duplicates(graph: gs.Graph, default_inputs: set[str] | frozenset = frozenset()) -> int:
+    """Make every node read one Constant per distinct (dtype, shape, bytes); returns merges.
+    Inputs with a default value (`default_inputs`, overridable by users) are never merged."""
     keep: dict[tuple, gs.Constant] = {}
     replace: dict[int, gs.Constant] = {}
     protected = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
     for node in gu.iter_nodes(graph):
         for tensor in node.inputs:
-            if not isinstance(tensor, gs.Constant) or id(tensor) in protected or id(tensor) in replace:
+            if (not isinstance(tensor, gs.Constant) or id(tensor) in protected or id(tensor) in replace
+                    or tensor.name in default_inputs):
                 continue
             try:
                 value = np.asarray(peek_values(tensor))  # (ascontiguousarray would turn scalars into 1-D)
@@ -256,7 +287,6 @@ def _merge_duplicate_nodes(graph: gs.Graph) -> int:
     tensors) is dropped and its outputs' readers read the earlier node's outputs."""
     from onnxcomp.passes.fold import NONDETERMINISTIC
 
-    graph.toposort()
     seen: dict[tuple, gs.Node] = {}
     merged = 0
     outputs = {id(t) for t in graph.outputs}

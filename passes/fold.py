@@ -3,7 +3,18 @@
 Rewrites
     Op(const, const, ...)                -> const            (evaluated on ONNX Runtime)
     Shape(x), Size(x)  with x's shape static -> const        (shapes from onnx shape inference)
-    Shape -> Gather -> Concat -> Reshape(x, .)  -> Reshape(x, const)   (by the two above, repeated)
+    Gather(Shape(x), const) with the gathered dims static -> const  (the other dims may be unknown)
+    Shape -> Gather -> Concat -> Reshape(x, .)  -> Reshape(x, const)   (by the above, repeated)
+    If(const cond) {then} {else}         -> the taken branch's nodes   (the other branch dropped)
+
+Every graph is folded: the main graph and every If/Loop/Scan subgraph (nested too), in one ORT
+session per round. Inside a subgraph a Constant of an outer scope is a constant; the inputs of
+every graph (loop counters, carried values, scan slices), outer tensors computed at run time and
+main-graph inputs with a default value (an initializer listed as an input) are not. Folding a
+Shape that feeds an If condition lets ORT (or us) inline that If, and ORT's strict shape inference
+may then refuse the inlined branch: after such a rewrite the model is loaded on ORT once, and if
+it is refused, folding starts again with If conditions left alone (stat
+`if_inlining_refused_by_ort`). Stats `subgraph_nodes_before`/`_after` count subgraph nodes.
 
 Why our own folder instead of graphsurgeon's `Graph.fold_constants`: we need (1) a size limit on
 *growth* (a ConstantOfShape/Expand/Tile of a few bytes into megabytes stays a node; graphsurgeon's
@@ -14,7 +25,8 @@ numpy shape logic), (3) an explicit, logged fallback node by node and then to on
 ReferenceEvaluator, and (4) honest counts of what was folded and what was skipped and why.
 
 Never folded: nondeterministic ops (Random*, Multinomial, Bernoulli), ops of custom domains,
-nodes with subgraph attributes (If/Loop/Scan), sequence/optional ops, and results whose dtype
+nodes with subgraph attributes (If/Loop/Scan; their bodies are folded, and an If with a constant
+condition is replaced by its branch), sequence/optional ops, and results whose dtype
 cannot be stored as a plain initializer (strings, bfloat16, float8, int4).
 """
 
@@ -28,9 +40,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcomp import graph_utils as gu
+from onnxcomp import subgraph_fold as sf
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.model import constant_nbytes
 from onnxcomp.registry import register
+from onnxcomp.subgraphs import scopes
 
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                     "Bernoulli", "Dropout"}  # Dropout: folding it would fix its mask in training mode
@@ -72,69 +86,99 @@ class Fold(Pass):
         max_rounds: int = param(8, "repeat shape folding and constant folding at most this many times", min=1)
 
     def run(self, model, ctx) -> PassResult:
+        before = sf.node_counts(model.graph)
+        has_if = any(n.op == "If" for n in gu.iter_nodes(model.graph))
+        snapshot = model.graph.copy() if has_if else None
+        stats = self._run(model, guard_ifs=False)
+        if has_if and (stats["ifs_inlined"] or stats["if_condition_nodes_folded"]) and not sf.loads_on_ort(model):
+            # ORT refuses the result (strict shape inference on an inlined branch): start again,
+            # leaving If conditions as they were (ORT would inline those Ifs and refuse them too)
+            model.graph = snapshot
+            stats = self._run(model, guard_ifs=True)
+            stats["if_inlining_refused_by_ort"] = 1
+        after = sf.node_counts(model.graph)
+        if before[1] or after[1]:
+            stats["subgraph_nodes_before"], stats["subgraph_nodes_after"] = before[1], after[1]
+        changed = stats["nodes_folded"] + stats["shape_nodes_folded"] + stats["ifs_inlined"] > 0
+        new_keys = ("ifs_inlined", "if_condition_nodes_folded")
+        return PassResult(changed=changed, stats={k: v for k, v in stats.items() if v or k not in new_keys})
+
+    def _run(self, model, guard_ifs: bool) -> Counter:
         stats: Counter = Counter()
-        graph = model.graph
         limit = int(self.config.max_growth_mb * 2**20)
         self._kept: dict[int, str] = {}  # node id -> why it stays (decided once, not re-evaluated)
         for _ in range(self.config.max_rounds):
             progress = 0
-            if self.config.shapes and any(n.op in ("Shape", "Size") and gu.is_standard(n) for n in graph.nodes):
-                progress += self._fold_shapes(model, stats)
+            graph = model.graph
+            if self.config.shapes and any(n.op in ("Shape", "Size") and gu.is_standard(n) for n in gu.iter_nodes(graph)):
+                progress += self._fold_shapes(model, stats, guard_ifs)
             progress += self._fold_constants(model, limit, stats)
+            if not guard_ifs:
+                inlined = sf.inline_constant_ifs(graph, model.initializer_inputs)
+                stats["ifs_inlined"] += inlined
+                progress += inlined
             stats["rounds"] += 1
             if not progress:
                 break
         stats.update(Counter(self._kept.values()))
-        changed = stats["nodes_folded"] + stats["shape_nodes_folded"] > 0
-        return PassResult(changed=changed, stats=dict(stats))
+        return stats
 
     # ---- Shape / Size of statically shaped tensors --------------------------------------
-    def _fold_shapes(self, model, stats: Counter) -> int:
-        facts = gu.infer_types(model.to_proto(weights=False))  # shapes only: no copy of the weights
-        graph, done = model.graph, []
+    def _fold_shapes(self, model, stats: Counter, guard_ifs: bool) -> int:
+        graph = model.graph
+        facts = sf.scoped_facts(model.to_proto(weights=False), graph)  # shapes only: no copy of the weights
         guarded = _if_condition_ancestors(graph)
-        for node in graph.nodes:
-            if node.op not in ("Shape", "Size") or not gu.is_standard(node) or not node.inputs:
+        runtime = sf.overridable(graph, model.initializer_inputs)
+        total = 0
+        for scope in scopes(graph):
+            known = facts.get(id(scope.graph))
+            if known is None:
                 continue
-            if id(node) in guarded:
-                # An If whose condition turns constant is inlined by ORT, and ORT's strict shape
-                # inference then rejects branches that ran fine (e.g. Range of 1-element tensors).
-                stats["shape_nodes_kept_for_if"] += 1
-                continue
-            shape = gu.static_shape(facts, node.inputs[0])
-            if shape is None or not node.outputs:
-                continue
-            if node.op == "Shape":
-                start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
-                value = np.array(shape[start:end], dtype=np.int64)  # python slicing clamps like ONNX
-            else:
-                value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
-            out = node.outputs[0]
-            out.to_constant(value)
-            node.outputs.clear()
-            node.inputs.clear()
-            done.append(node)
-        _drop(graph, done)
-        stats["shape_nodes_folded"] += len(done)
-        return len(done)
+            done = []
+            for node in scope.graph.nodes:
+                if node.op not in ("Shape", "Size", "Gather") or not gu.is_standard(node) or not node.inputs:
+                    continue
+                if not node.outputs or isinstance(node.outputs[0], gs.Constant):
+                    continue
+                value = _shape_value(node, known, runtime)
+                if value is None:
+                    continue
+                if id(node) in guarded:
+                    # An If whose condition turns constant is inlined by ORT, and ORT's strict shape
+                    # inference then rejects branches that ran fine (e.g. Range of 1-element tensors).
+                    if guard_ifs:
+                        stats["shape_nodes_kept_for_if"] += 1
+                        continue
+                    stats["if_condition_nodes_folded"] += 1
+                node.outputs[0].to_constant(value)
+                node.outputs.clear()
+                node.inputs.clear()
+                done.append(node)
+            _drop(scope.graph, done)
+            total += len(done)
+        stats["shape_nodes_folded"] += total
+        return total
 
     # ---- nodes whose inputs are all constant -------------------------------------------
     def _fold_constants(self, model, limit: int, stats: Counter) -> int:
-        graph = model.graph
-        foldable: list[gs.Node] = []
-        produced: set[int] = set()
-        for node in graph.nodes:  # topologically sorted by the pipeline / to_proto
-            if not _foldable_op(node) or id(node) in self._kept:
-                continue
-            if all(gu.is_constant(t, graph) or t.name == "" or id(t) in produced for t in node.inputs):
-                foldable.append(node)
-                produced.update(id(t) for t in node.outputs if t.name)
-        if not foldable:
+        runtime = sf.overridable(model.graph, model.initializer_inputs)
+        work = [(scope.graph, _foldable_nodes(scope.graph, runtime, self._kept)) for scope in scopes(model.graph)]
+        work = [(g, nodes) for g, nodes in work if nodes]
+        if not work:
             return 0
-        values = _evaluate(model, foldable, stats)
+        names = [t.name for _, nodes in work for n in nodes for t in n.outputs if t.name]
+        if len(set(names)) == len(names):  # one ORT session for every graph
+            values = _evaluate(model, [n for _, nodes in work for n in nodes], stats)
+        else:  # a name used in two sibling graphs: one session per graph
+            values = {}
+            for _, nodes in work:
+                values.update(_evaluate(model, nodes, stats))
+        return sum(self._apply(g, nodes, values, limit, stats) for g, nodes in work)
 
+    def _apply(self, graph: gs.Graph, foldable: list, values: dict, limit: int, stats: Counter) -> int:
         # Decide, from the consumers' side, which folded tensors become initializers and which
         # nodes stay (their result is too large or could not be computed or stored).
+        produced = {id(t) for n in foldable for t in n.outputs if t.name}
         members = {id(n) for n in foldable}
         consumers = gu.consumers_map(graph)
         outputs = {id(t) for t in graph.outputs}
@@ -169,6 +213,51 @@ class Fold(Pass):
         _drop(graph, removed)
         stats["nodes_folded"] += len(removed)
         return len(removed)
+
+
+def _foldable_nodes(graph: gs.Graph, runtime: set[int], kept: dict) -> list[gs.Node]:
+    """Nodes of `graph` (in order) whose inputs are constants of this or an outer graph, or
+    results of earlier foldable nodes; never an input of any graph (known at run time only)."""
+    foldable: list[gs.Node] = []
+    produced: set[int] = set()
+    for node in graph.nodes:  # topologically sorted by the pipeline / to_proto
+        if not _foldable_op(node) or id(node) in kept:
+            continue
+        if all(sf.is_known(t, runtime) or t.name == "" or id(t) in produced for t in node.inputs):
+            foldable.append(node)
+            produced.update(id(t) for t in node.outputs if t.name)
+    return foldable
+
+
+def _shape_value(node: gs.Node, facts: dict, runtime: set[int]) -> np.ndarray | None:
+    """The value of Shape(x)/Size(x) with x's shape static, or of Gather(Shape(x), const) whose
+    gathered dimensions are static (the others may be unknown)."""
+    if node.op == "Gather":
+        source, indices = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+        shape_node = source.inputs[0] if not isinstance(source, gs.Constant) and len(source.inputs) == 1 else None
+        if (shape_node is None or shape_node.op != "Shape" or not gu.is_standard(shape_node) or indices is None
+                or not sf.is_known(indices, runtime) or node.attrs.get("axis", 0) not in (0, -1)):
+            return None
+        full = facts.get(shape_node.inputs[0].name, (None, None))[1] if shape_node.inputs else None
+        if isinstance(shape_node.inputs[0], gs.Constant):
+            full = tuple(int(d) for d in shape_node.inputs[0].shape)
+        if full is None:
+            return None
+        dims = list(full)[shape_node.attrs.get("start", 0):shape_node.attrs.get("end", None)]
+        idx = np.asarray(indices.values)
+        if idx.dtype.kind not in "iu" or idx.size == 0:
+            return None
+        flat = [int(i) + len(dims) if int(i) < 0 else int(i) for i in idx.reshape(-1)]
+        if any(i < 0 or i >= len(dims) or dims[i] is None or dims[i] < 0 for i in flat):
+            return None
+        return np.array([dims[i] for i in flat], dtype=np.int64).reshape(idx.shape)
+    shape = gu.static_shape(facts, node.inputs[0])
+    if shape is None:
+        return None
+    if node.op == "Shape":
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+        return np.array(shape[start:end], dtype=np.int64)  # python slicing clamps like ONNX
+    return np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
 
 
 def _if_condition_ancestors(graph: gs.Graph) -> set[int]:

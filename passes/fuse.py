@@ -13,7 +13,9 @@ Rewrites
 
 BatchNormalization is folded only in inference mode, when the conv's output feeds nothing else and
 all weights are constants; new weights are new initializers (shared ones are never edited).
-Ops of custom domains are left untouched.
+Ops of custom domains are left untouched. Every graph is fused (If/Loop/Scan bodies too), never
+across a scope boundary: both nodes of a pattern live in the same graph; a constant is an
+initializer of this or an outer graph that no graph input overrides.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcomp import graph_utils as gu
+from onnxcomp import subgraph_fold as sf
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.registry import register
+from onnxcomp.subgraphs import NameSpace, scopes
 
 
 @register
@@ -46,42 +50,66 @@ class Fuse(Pass):
         conv_affine: bool = param(True, "fold a per-channel constant Add/Mul after a Conv into its bias/weights")
 
     def run(self, model, ctx) -> PassResult:
-        graph = model.graph
         stats: Counter = Counter()
-        facts = None
-        consumers = gu.consumers_map(graph)
+        before = sf.node_counts(model.graph)
+        self._facts = None
+        self._names = NameSpace(model.graph) if before[1] else None
+        self._runtime = sf.overridable(model.graph, model.initializer_inputs)
+        for scope in scopes(model.graph):  # outer first; nodes read outer tensors, never inner ones
+            self._fuse_graph(model, scope.graph, stats)
+        if stats:
+            model.graph.cleanup(remove_unused_graph_inputs=False)
+        after = sf.node_counts(model.graph)
+        if before[1] or after[1]:
+            stats["subgraph_nodes_before"], stats["subgraph_nodes_after"] = before[1], after[1]
+        changed = any(v for k, v in stats.items() if not k.startswith("subgraph"))
+        return PassResult(changed=changed, stats=dict(stats))
+
+    def _fuse_graph(self, model, graph, stats: Counter) -> None:
+        global _NAMES, _LOCAL, _RUNTIME
+        _NAMES, _LOCAL, _RUNTIME = self._names, {id(n) for n in graph.nodes}, self._runtime
+        opset = model.opset
+        consumers = gu.consumers_map(model.graph)  # readers in every graph (subgraphs read outer tensors)
         for node in list(graph.nodes):
             if not gu.is_standard(node) or not node.outputs:
                 continue
             done = None
             if node.op == "BatchNormalization" and self.config.batchnorm:
-                done = _fold_batchnorm(graph, node, consumers) and "batchnorm_folded"
-            elif node.op in ("Add", "Mul") and self.config.conv_affine and _fold_into_conv(graph, node, consumers):
+                done = _fold_batchnorm(graph, node, consumers, opset) and "batchnorm_folded"
+            elif node.op in ("Add", "Mul") and self.config.conv_affine and _fold_into_conv(graph, node, consumers,
+                                                                                             opset):
                 done = "conv_add_folded" if node.op == "Add" else "conv_mul_folded"
-            elif node.op in ("Add", "Mul") and self.config.conv_affine and _merge_constant_chain(graph, node, consumers):
+            elif node.op in ("Add", "Mul") and self.config.conv_affine and _merge_constant_chain(graph, node, consumers,
+                                                                                                   opset):
                 done = "mul_chains_merged" if node.op == "Mul" else "add_chains_merged"
-            elif node.op == "Add" and self.config.gemm and graph.opset >= 7:
-                if facts is None and any(_producer(t, "MatMul") for t in node.inputs):
-                    graph.cleanup(remove_unused_graph_inputs=False)  # drop emptied nodes before inference
-                    facts = gu.infer_types(model.to_proto())
-                done = facts is not None and _matmul_add_to_gemm(graph, node, consumers, facts) and "gemm_fused"
+            elif node.op == "Add" and self.config.gemm and opset >= 7:
+                if self._facts is None and any(_producer(t, "MatMul") for t in node.inputs):
+                    model.graph.cleanup(remove_unused_graph_inputs=False)  # drop emptied nodes before inference
+                    self._facts = sf.scoped_facts(model.to_proto(), model.graph)
+                facts = self._facts.get(id(graph)) if self._facts is not None else None
+                done = facts is not None and _matmul_add_to_gemm(graph, node, consumers, facts, opset) and "gemm_fused"
             elif node.op == "Transpose" and self.config.transposes:
                 done = _merge_transposes(graph, node) or None
-            elif node.op == "Reshape" and self.config.reshapes and graph.opset >= 5:
+            elif node.op == "Reshape" and self.config.reshapes and opset >= 5:
                 done = _merge_reshapes(graph, node) and "reshapes_merged"
             if done:
                 stats[done] += 1
-                consumers = gu.consumers_map(graph)
-        if stats:
-            graph.cleanup(remove_unused_graph_inputs=False)
-        return PassResult(changed=bool(stats), stats=dict(stats))
+                consumers = gu.consumers_map(model.graph)
+
+
+# Set for the graph being fused: model-wide unique names (when the model has subgraphs), the
+# nodes of this graph (a rewrite never merges a node of an outer scope into an inner one), and
+# the inputs of every graph (constants that a user or a loop can override are not constants).
+_NAMES: NameSpace | None = None
+_LOCAL: set[int] = set()
+_RUNTIME: set[int] = set()
 
 
 def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
     if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
         return None
     node = tensor.inputs[0]
-    return node if node.op == op and gu.is_standard(node) else None
+    return node if node.op == op and gu.is_standard(node) and id(node) in _LOCAL else None
 
 
 def _only_feeds(graph, tensor, node, consumers) -> bool:
@@ -90,17 +118,18 @@ def _only_feeds(graph, tensor, node, consumers) -> bool:
 
 
 def _const(graph, tensor) -> np.ndarray | None:
-    return np.asarray(tensor.values) if gu.is_constant(tensor, graph) else None
+    return np.asarray(tensor.values) if gu.is_constant(tensor, graph) and id(tensor) not in _RUNTIME else None
 
 
 def _new_const(graph, base: str, value: np.ndarray) -> gs.Constant:
-    return gs.Constant(gu.unique_name(graph, base), np.ascontiguousarray(value))
+    name = _NAMES.unique(base) if _NAMES is not None else gu.unique_name(graph, base)
+    return gs.Constant(name, np.ascontiguousarray(value))
 
 
-def _fold_batchnorm(graph, bn: gs.Node, consumers) -> bool:
+def _fold_batchnorm(graph, bn: gs.Node, consumers, opset) -> bool:
     if bn.attrs.get("training_mode", 0) or not bn.attrs.get("spatial", 1) or len(bn.inputs) != 5:
         return False
-    if graph.opset < 7 and not bn.attrs.get("is_test", 0):
+    if opset < 7 and not bn.attrs.get("is_test", 0):
         return False
     if any(t.name and (consumers.get(id(t)) or gu.is_graph_output(graph, t)) for t in bn.outputs[1:]):
         return False
@@ -142,7 +171,7 @@ def _fold_batchnorm(graph, bn: gs.Node, consumers) -> bool:
             return False
         b = np.broadcast_to(c.reshape(-1), (channels,))
         conv.attrs["alpha"], conv.attrs["beta"] = 1.0, 1.0
-        if graph.opset < 7:
+        if opset < 7:
             conv.attrs["broadcast"] = 1
     new_b = (b - mean) * s + beta
     conv.inputs[1] = _new_const(graph, conv.inputs[1].name + "_bn", w.astype(weight.dtype))
@@ -165,9 +194,9 @@ def _absorb(graph, conv: gs.Node, follower: gs.Node, bias: np.ndarray) -> None:
     conv.outputs[0] = out
 
 
-def _fold_into_conv(graph, node: gs.Node, consumers) -> bool:
+def _fold_into_conv(graph, node: gs.Node, consumers, opset) -> bool:
     """Add/Mul of a per-output-channel constant after a Conv -> the Conv's bias/weights."""
-    if graph.opset < 7 and node.attrs.get("broadcast", 0):
+    if opset < 7 and node.attrs.get("broadcast", 0):
         return False  # opset < 7 broadcasting rules (axis attribute) are not worth handling
     for index in (0, 1):
         y, c_tensor = node.inputs[index], node.inputs[1 - index]
@@ -197,9 +226,9 @@ def _fold_into_conv(graph, node: gs.Node, consumers) -> bool:
     return False
 
 
-def _merge_constant_chain(graph, second: gs.Node, consumers) -> bool:
+def _merge_constant_chain(graph, second: gs.Node, consumers, opset) -> bool:
     """op(op(x, c1), c2) -> op(x, c1 op c2) for Mul and Add with constant c1, c2 (opset >= 7 broadcasting)."""
-    if graph.opset < 7:
+    if opset < 7:
         return False
     for index in (0, 1):
         inner, c2_tensor = second.inputs[index], second.inputs[1 - index]
@@ -222,7 +251,7 @@ def _merge_constant_chain(graph, second: gs.Node, consumers) -> bool:
     return False
 
 
-def _matmul_add_to_gemm(graph, add: gs.Node, consumers, facts) -> bool:
+def _matmul_add_to_gemm(graph, add: gs.Node, consumers, facts, opset) -> bool:
     for index in (0, 1):
         y, c_tensor = add.inputs[index], add.inputs[1 - index]
         mm = _producer(y, "MatMul")
@@ -240,7 +269,7 @@ def _matmul_add_to_gemm(graph, add: gs.Node, consumers, facts) -> bool:
         add.inputs.clear()
         add.outputs.clear()
         mm.op = "Gemm"
-        mm.attrs = {"alpha": 1.0, "beta": 1.0} | ({"broadcast": 1} if graph.opset < 7 else {})
+        mm.attrs = {"alpha": 1.0, "beta": 1.0} | ({"broadcast": 1} if opset < 7 else {})
         mm.inputs.append(c_tensor)
         mm.outputs[0] = out
         return True

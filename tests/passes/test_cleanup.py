@@ -146,3 +146,23 @@ def test_cleanup_merges_two_nodes_computing_the_same_thing():
     }''')
     assert result.stats["duplicate_nodes_merged"] == 1 and ops(model) == ["Div", "Sub"]
     assert same_outputs(proto, model.to_proto(), {"x": X[0]})
+
+
+def test_cleanup_removes_a_slice_to_int64_max_over_a_dimension_of_unknown_size():
+    proto, model, result = cleanup('''g (float[2,N] x) => (float[2,N] y) <int64[1] s = {0}, int64[1] e = {9223372036854775807},
+                                                      int64[1] a = {1}> {
+        r = Relu(x)
+        t = Slice(r, s, e, a)
+        y = Neg(t)
+    }''')
+    assert result.changed and result.stats["removed_Slice"] == 1 and ops(model) == ["Relu", "Neg"]
+    assert same_outputs(proto, model.to_proto(), {"x": X})
+
+
+def test_cleanup_keeps_a_slice_of_unknown_size_that_may_cut():
+    _, model, result = cleanup('''g (float[2,N] x) => (float[2,M] y) <int64[1] s = {0}, int64[1] e = {3}, int64[1] a = {1}> {
+        r = Relu(x)
+        t = Slice(r, s, e, a)
+        y = Neg(t)
+    }''')
+    assert "Slice" in ops(model) and not result.stats.get("removed_Slice")

@@ -125,9 +125,18 @@ def test_fold_reports_unchanged_when_no_input_is_constant():
 
 @pytest.mark.parametrize("op", ["If"])
 def test_fold_leaves_nodes_with_subgraphs_alone(op):
-    _, model, _ = fold('''g (float[2] x) => (float[2] y) {
-        c = Constant<value = bool {1}>()
+    _, model, _ = fold('''g (float[2] x, bool c) => (float[2] y) {
         y = If(c) <then_branch = g1 () => (float[2] a) { a = Neg(x) },
                    else_branch = g2 () => (float[2] b) { b = Abs(x) }>
     }''')
     assert op in ops(model)
+
+
+def test_fold_leaves_an_input_with_a_default_value_alone():
+    proto, model, result = fold('''g (float[2] x, float[2] w) => (float[2] y) <float[2] w = {1.0, 2.0}> {
+        s = Neg(w)
+        y = Mul(x, s)
+    }''')
+    assert not result.changed and ops(model) == ["Neg", "Mul"]
+    x, w = np.array([1.5, -2.0], np.float32), np.array([3.0, 0.5], np.float32)
+    assert outputs(model.to_proto(), {"x": x, "w": w})[0].tobytes() == outputs(proto, {"x": x, "w": w})[0].tobytes()
