@@ -116,6 +116,7 @@ class Model:
         if self.ir_version < 4:
             _list_initializers_as_inputs(proto.graph)
         elif self.initializer_inputs:
+            _hoist_initializers(proto.graph, self.initializer_inputs - {t.name for t in proto.graph.initializer})
             _list_initializers_as_inputs(proto.graph, only=self.initializer_inputs)
         return proto
 
@@ -190,6 +191,35 @@ def _drop_shadowing_initializers(graph: onnx.GraphProto, outer: set[str]) -> Non
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 _drop_shadowing_initializers(sub, visible)
+
+
+def _hoist_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    """An input with a default value that only subgraphs read is exported by graphsurgeon as an
+    initializer of those subgraphs: move it back to the main graph, where it stays an input the
+    user can feed (the subgraphs then see the outer one)."""
+    if not names:
+        return
+    found: dict[str, onnx.TensorProto] = {}
+
+    def take(sub: onnx.GraphProto) -> None:
+        for init in sub.initializer:
+            if init.name in names and init.name not in found:
+                found[init.name] = onnx.TensorProto()
+                found[init.name].CopyFrom(init)
+        keep = [t for t in sub.initializer if t.name not in names]
+        if len(keep) != len(sub.initializer):
+            del sub.initializer[:]
+            sub.initializer.extend(keep)
+        for node in sub.node:
+            for attr in node.attribute:
+                for inner in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    take(inner)
+
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                take(sub)
+    graph.initializer.extend(found[name] for name in sorted(found))
 
 
 def _list_initializers_as_inputs(graph: onnx.GraphProto, only: set[str] | None = None) -> None:

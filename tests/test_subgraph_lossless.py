@@ -107,8 +107,10 @@ def test_fold_does_not_treat_an_overridable_initializer_as_a_constant_inside_a_b
                    else_branch = g2 () => (float[2] b) { b = Abs(x) }>
     }''')
     assert not result.changed and "Neg" in sub_ops(model)
-    # (not fed here: Model.to_proto drops an input-with-default that only a subgraph reads)
     assert same_outputs(proto, model.to_proto(), [{"x": X2, "c": np.array(True)}])
+    # the input with a default stays an input of the exported model, which the user can feed
+    assert "w" in {i.name for i in model.to_proto().graph.input}
+    assert same_outputs(proto, model.to_proto(), [{"x": X2, "c": np.array(True), "w": np.array([5.0, -1.0], np.float32)}])
 
 
 def test_fold_resolves_shapes_inside_a_branch_from_outer_scope_facts():
