@@ -7,9 +7,10 @@ from onnxcomp.errors import SpecError
 PRESETS: dict[str, tuple[str, str]] = {
     "lossless": ("fold, cleanup, fuse", "constant folding, clean-up and fusions; outputs unchanged"),
     "int8": ("fold, cleanup, fuse, quantize(per_channel=true)",
-             "static int8 QDQ, per-channel, calibrated (needs --calibration)"),
+             "static int8 QDQ, per-channel, calibrated (needs --calibration; half is held out for the gate)"),
     "dynamic": ("fold, cleanup, fuse, quantize_dynamic",
-                "int8 weights, activations quantized at run time: transformers, MatMul-heavy models"),
+                "int8 weights, activations quantized at run time for MatMul/Gemm (transformers); Conv weights "
+                "weight-only int8 (needs data for the gate: --calibration or --evaluation)"),
     "deep-compression": ("fold, cleanup, fuse, prune(sparsity=0.8, scope=global, saliency=hessian), "
                          "codebook(bits=4), entropy",
                          "Hessian pruning + 4-bit k-means codebooks + entropy coding (needs --calibration; "
