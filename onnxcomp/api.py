@@ -14,7 +14,7 @@ import onnx
 from onnxcomp.base import Pass
 from onnxcomp.calibration import CalibrationData, ImagePreprocess
 from onnxcomp.context import PassContext, Tolerance
-from onnxcomp.gate import Gate
+from onnxcomp.gate import DEFAULT_MIN_COSINE, Gate
 from onnxcomp.model import Model, constant_nbytes, load
 from onnxcomp.pipeline import Pipeline, as_pipeline
 from onnxcomp.report import Report
@@ -96,6 +96,10 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
         progress=progress,
     )
     held_to = checking.gate_for(pipeline, gate)
+    if held_to is not None and tolerance is None:
+        # --verify-each holds each lossy pass to the gate's agreement with the model before it,
+        # not to float rounding (which every lossy pass breaks by design)
+        ctx.tolerance = Tolerance(atol=float("inf"), rtol=0.0, min_cosine=held_to.min_cosine or DEFAULT_MIN_COSINE)
     if held_to is not None:
         checking.hold_out(pipeline, ctx)
         result = checking.run_with_gate(pipeline, source, ctx, held_to)

@@ -122,3 +122,13 @@ def test_the_dynamic_preset_on_a_conv_model_quantizes_its_convs_under_the_gate(m
     assert report["validation"]["passed"] is True
     assert not any(note.startswith("no weight was changed") for note in report["notes"])
     assert any(t.data_type == onnx.TensorProto.INT8 for t in onnx.load(out).graph.initializer)
+
+
+def test_verify_each_holds_a_lossy_pass_to_the_gates_agreement_not_to_float_rounding(mnist_path, mnist_calibration,
+                                                                                     tmp_path):
+    calibration, _ = mnist_calibration
+    done = run_cli_here("optimize", mnist_path, "-o", tmp_path / "out.onnx", "--preset", "int8",
+                        "--calibration", calibration, "--verify-each", "--json")
+    assert done.returncode == 0, done.stderr
+    record = next(p for p in json.loads(done.stdout)["passes"] if p["spec"].startswith("quantize"))
+    assert record["status"] == "ok" and record["verification"] == "verified"
