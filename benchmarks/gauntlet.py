@@ -115,7 +115,7 @@ def run_cli(model: Path, out: Path, preset: str, cal: Path, timeout: float) -> d
     if proc.returncode != 0:
         rec["error"] = _last_line(proc.stderr) or _last_line(proc.stdout)
         rec["output_left"] = out.exists()
-    said = _validation_line(proc.stdout)
+    said = _validation_line(proc.stdout).replace(str(cal), "cal.npz")
     if said:
         rec["cli_says"] = said[:400]
         figures = [float(x) for x in re.findall(r"cosine (-?[0-9.]+)", said)]
@@ -131,10 +131,12 @@ def run_cli(model: Path, out: Path, preset: str, cal: Path, timeout: float) -> d
 
 def run_peer(tool: str, model: Path, out: Path, cal: Path, timeout: float) -> dict[str, Any]:
     code = "import sys; from benchmarks.gauntlet import peer_main; sys.exit(peer_main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, tool, str(model), str(out), str(cal)],
-                              capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+    try:  # in a folder of its own: ORT's quantizer leaves temporary files in the working directory
+        with tempfile.TemporaryDirectory(prefix="gauntlet-peer-") as cwd:
+            proc = subprocess.run([sys.executable, "-c", code, tool, str(model), str(out), str(cal)],
+                                  capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env, check=False)
     except subprocess.TimeoutExpired:
         return {"exit": None, "seconds": timeout, "error": f"timed out after {timeout:.0f} s"}
     rec: dict[str, Any] = {"exit": proc.returncode, "seconds": time.perf_counter() - t0}
