@@ -188,8 +188,8 @@ def register(name: str, factory: Callable[..., Entry]) -> None:
 
 
 def _load_builtin() -> None:
-    if _REGISTRY:
-        return
+    # Always import them all (a no-op once imported): a caller that imported models.real first has
+    # filled _REGISTRY partly, so "registry not empty" does not mean "every builder is in".
     from models import digits, minilm, real, torch_archs  # noqa: F401  (each registers itself)
 
 

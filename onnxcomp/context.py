@@ -20,14 +20,16 @@ from onnxcomp.calibration import CalibrationData
 class Tolerance:
     """Agreement required between a reference and a candidate output.
 
-    An output passes when its max abs error <= atol + rtol * |reference| everywhere (NaN only
-    where the reference has NaN), its cosine >= min_cosine and its top-1 agreement >= min_top1.
+    An output passes when its max abs error <= atol + rtol * |reference| everywhere, or (with
+    `scale_rtol`) <= atol + scale_rtol * the output's largest |reference| (NaN only where the
+    reference has NaN), its cosine >= min_cosine and its top-1 agreement >= min_top1.
     """
 
     atol: float = 1e-5
     rtol: float = 1e-4
     min_cosine: float | None = None
     min_top1: float | None = None
+    scale_rtol: float | None = None
 
     @classmethod
     def exact(cls) -> Tolerance:

@@ -60,7 +60,9 @@ def input_specs(model) -> list[InputSpec]:
         if vi.name in initializers or not vi.type.HasField("tensor_type"):
             continue
         tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        # a negative size (-1: Paddle's exports) means "any size", as an unnamed dimension does
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                     for d in tt.shape.dim)
         try:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
         except Exception:  # an element type numpy has no dtype for: checked by ORT instead

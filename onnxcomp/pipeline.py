@@ -22,7 +22,10 @@ from onnxcomp.model import Model
 from onnxcomp.report import PassRecord, Report
 from onnxcomp.spec import load_file_steps, parse_steps
 
-LOSSLESS_TOLERANCE = Tolerance(atol=1e-5, rtol=1e-4)
+# Lossless passes are held to float rounding: elementwise, or within 0.1 % of the output's largest
+# magnitude, since folding a BatchNorm/Mul/Add into conv weights rounds differently and a deep net
+# amplifies that (PP-OCRv4's detector: 2.2e-4 on a [0, 1] map, cosine 1.000000).
+LOSSLESS_TOLERANCE = Tolerance(atol=1e-5, rtol=1e-4, scale_rtol=1e-3)
 ON_FAILURE = ("stop", "continue")
 
 

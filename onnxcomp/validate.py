@@ -139,10 +139,11 @@ class ValidationReport:
 def compare_arrays(name: str, ref: list[np.ndarray], cand: list[np.ndarray], tol: Tolerance) -> OutputComparison:
     """Metrics over all samples of one output, and the verdict against `tol`."""
     max_abs = max_rel = 0.0
+    ref_scale = 0.0  # the output's largest finite |reference|, for tol.scale_rtol
     dots = ref_sq = cand_sq = 0.0
     agree = total = 0
     shape_ok, reason = True, ""
-    within = True
+    within = elementwise_ok = True
     for r, c in zip(ref, cand):
         if r.shape != c.shape or r.dtype != c.dtype:
             shape_ok, reason = False, f"shape/dtype {r.shape}/{r.dtype} vs {c.shape}/{c.dtype}"
@@ -162,8 +163,9 @@ def compare_arrays(name: str, ref: list[np.ndarray], cand: list[np.ndarray], tol
         if diff.size:
             max_abs = max(max_abs, float(diff.max()))
             max_rel = max(max_rel, float((diff / np.maximum(np.abs(rf[ok]), 1e-12)).max()))
+            ref_scale = max(ref_scale, float(np.abs(rf[ok]).max()))
             if np.any(diff > tol.atol + tol.rtol * np.abs(rf[ok])):
-                within = False
+                elementwise_ok = False
         if np.any(np.isinf(rf) != np.isinf(cf)) or np.any(np.isinf(rf) & (rf != cf)):
             within, reason = False, "Inf positions differ"
         rv, cv = np.where(ok, rf, 0).ravel(), np.where(ok, cf, 0).ravel()
@@ -180,13 +182,16 @@ def compare_arrays(name: str, ref: list[np.ndarray], cand: list[np.ndarray], tol
     else:
         cosine = dots / np.sqrt(ref_sq * cand_sq)
     top1 = agree / total if total else None
+    if not elementwise_ok and not (tol.scale_rtol is not None and max_abs <= tol.atol + tol.scale_rtol * ref_scale):
+        within = False
     passed = shape_ok and within
     if passed and tol.min_cosine is not None and cosine < tol.min_cosine:
         passed, reason = False, f"cosine {cosine:.6f} < {tol.min_cosine}"
     if passed and tol.min_top1 is not None and top1 is not None and top1 < tol.min_top1:
         passed, reason = False, f"top-1 agreement {top1:.4f} < {tol.min_top1}"
     if not passed and not reason:
-        reason = f"max abs error {max_abs:.3g} above atol {tol.atol:g} + rtol {tol.rtol:g}"
+        reason = f"max abs error {max_abs:.3g} above atol {tol.atol:g} + rtol {tol.rtol:g}" + (
+            f" (and above {tol.scale_rtol:g} of the output's largest value {ref_scale:.3g})" if tol.scale_rtol else "")
     return OutputComparison(name, max_abs, max_rel, float(cosine), top1, shape_ok, passed, reason)
 
 
