@@ -16,6 +16,9 @@ import numpy as np
 from onnxcomp.calibration import CalibrationData
 
 
+LASTING = "analyses of exact models"  # the _cache entry that invalidate() keeps (analysis_of)
+
+
 @dataclass
 class Tolerance:
     """Agreement required between a reference and a candidate output.
@@ -56,9 +59,27 @@ class PassContext:
             self._cache[key] = compute()
         return self._cache[key]
 
+    def analysis_of(self, model, key: str, compute: Callable[[], Any]) -> Any:
+        """An analysis of this exact model (graph and weights), kept across invalidations: the
+        accuracy gate re-runs a pipeline after each back-off, and a pass late in it (prune's layer
+        Hessians) then sees the very model it saw before. Keyed by a digest of the serialized
+        model, so any edit makes a new key; past 2 GB of weights it is not kept (serializing
+        would copy every weight)."""
+        import hashlib
+
+        from onnxcomp.model import PROTOBUF_LIMIT
+
+        if model.summary()["param_bytes"] > PROTOBUF_LIMIT:
+            return self.analysis(key, compute)
+        digest = hashlib.blake2b(model.to_proto().SerializeToString(), digest_size=16).hexdigest()
+        lasting = self._cache.setdefault(LASTING, {})
+        if (digest, key) not in lasting:
+            lasting[(digest, key)] = compute()
+        return lasting[(digest, key)]
+
     def invalidate(self, keep: tuple[str, ...] = ()) -> None:
         """Drop every cached analysis except those named in `keep`."""
-        self._cache = {k: v for k, v in self._cache.items() if k in keep}
+        self._cache = {k: v for k, v in self._cache.items() if k in keep or k == LASTING}
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)

@@ -308,13 +308,17 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
     for attempt in range(checker.gate.budget + 1):
         ctx.notes[:] = notes_before  # a discarded attempt's notes do not describe the result
         snapshots = []
-        trial = Pipeline(passes, verify_each=pipeline.verify_each, on_failure=pipeline.on_failure)
+        # exact passes after the last lossy one (entropy coding) cannot change the outputs: they
+        # run once, on the attempt that passes
+        cut = max((i + 1 for i, p in enumerate(passes) if not p.exact), default=0)
+        trial = Pipeline(passes[:cut], verify_each=pipeline.verify_each, on_failure=pipeline.on_failure)
         result = trial.run(source.copy(), ctx, snapshots=snapshots)
         verdict = checker.check(result.model)
-        step = {"attempt": attempt, "pipeline": str(trial), "passed": verdict.passed, **verdict.figures}
+        whole = Pipeline(passes)
+        step = {"attempt": attempt, "pipeline": str(whole), "passed": verdict.passed, **verdict.figures}
         path.append(step)
         if verdict.passed:
-            return result, path
+            return _finish(result, Pipeline(passes[cut:], verify_each=pipeline.verify_each), whole, ctx), path
         closeness = (-verdict.figures.get("drop_points", 0.0), verdict.figures.get("cosine", 1.0))
         if best is None or closeness > best[0]:
             best = (closeness, result.model)
@@ -336,6 +340,20 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
     error.path = path  # type: ignore[attr-defined]
     error.best_model = best[1] if best else None  # type: ignore[attr-defined]
     raise error
+
+
+def _finish(result, tail, whole, ctx):
+    """Run the trailing exact passes on the attempt that passed and make one report of both."""
+    result.report.pipeline = str(whole)
+    if not tail.passes:
+        return result
+    done = tail.run(result.model, ctx)
+    report = result.report
+    report.passes += done.report.passes
+    report.output, report.seconds = done.report.output, report.seconds + done.report.seconds
+    report.notes += [n for n in done.report.notes if n not in report.notes]
+    result.model = done.model
+    return result
 
 
 def _first_failing(checker: GateChecker, passes, snapshots) -> int:

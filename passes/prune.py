@@ -131,7 +131,7 @@ class Prune(Pass):
         feeds = ctx.require_calibration(self.name) if (hessian or cfg.scope == "auto") else None
         dense_h: dict[str, np.ndarray] = {}
         if hessian and (cfg.scope != "layer" or not cfg.sequential):
-            dense_h = ctx.analysis(f"hessians:{cfg.samples}:{'|'.join(layer.name for layer in layers)}",
+            dense_h = ctx.analysis_of(model, f"hessians:{cfg.samples}:{'|'.join(layer.name for layer in layers)}",
                                    lambda: hs.layer_hessians(model, layers, feeds, cfg.samples))
         counts = self._allocate(model, ctx, layers, dense_h, feeds)
         # Names of the tensors whose values changed (the old values are not kept for comparing:
@@ -180,7 +180,7 @@ class Prune(Pass):
             return allocate_global(scores, total, caps)
         from onnxcomp.passes.sensitivity import allocate, cache_key, measure
 
-        table = ctx.analysis(cache_key(cfg.saliency, cfg.samples, layers),
+        table = ctx.analysis_of(model, cache_key(cfg.saliency, cfg.samples, layers),
                              lambda: measure(model, layers, feeds, saliency=cfg.saliency, samples=cfg.samples,
                                              hessians=dense_h, damp=cfg.damp))
         chosen = allocate(table, {x.name: x.size for x in layers}, cfg.sparsity,

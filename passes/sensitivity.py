@@ -183,7 +183,7 @@ class Sensitivity(Pass):
         if not layers:
             return PassResult(False, {"layers": 0})
         feeds = ctx.require_calibration(self.name)
-        table = ctx.analysis(cache_key(cfg.saliency, cfg.samples, layers),
+        table = ctx.analysis_of(model, cache_key(cfg.saliency, cfg.samples, layers),
                              lambda: measure(model, layers, feeds, cfg.saliency, cfg.samples, sparsities=cfg.sparsities))
         stats = {"layers": len(layers), "errors": {k: {f"{s:g}": e for s, e in v[1:]} for k, v in table.items()}}
         worst = max(table, key=lambda k: table[k][-1][1])
