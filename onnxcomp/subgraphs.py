@@ -112,11 +112,16 @@ class NameSpace:
             self.taken.update(n.name for n in scope.graph.nodes if n.name)
 
     def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
+        return unique_name(self.taken, base)
+
+
+def unique_name(taken: set[str], base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ... the first one not in `taken`, which is then taken."""
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
 
 
 def unique_weight_names(graph: gs.Graph) -> int:

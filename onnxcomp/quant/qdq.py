@@ -117,11 +117,9 @@ class NodeBuilder:
         self.added_nodes = 0
 
     def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
+        from onnxcomp.subgraphs import unique_name
+
+        return unique_name(self._names, base)
 
     def const(self, base: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.unique(base), np.asarray(values))
