@@ -337,6 +337,10 @@ def distill_file(teacher, student, output, data, cfg: DistillConfig, *, labels=N
     names = [t.name for t in model.graph.inputs]
     if [t.name for t in teacher_model.graph.inputs] != names:
         raise InputError("the teacher and the student have different inputs")
+    scalars = [t.name for t in model.graph.inputs if t.shape is not None and len(t.shape) == 0]
+    if scalars:  # training batches samples along axis 0, which a 0-d input (a sample rate) lacks
+        raise InputError(f"distill trains on batches along axis 0, and input {scalars[0]!r} is 0-d: "
+                         "distillation of this model is not supported (its compression still is, gated)")
     train = list(CalibrationData.from_source(data, input_names=names))
     train, data_labels = split_labels(train, set(names))
     labels = read_labels(labels) if labels is not None else data_labels

@@ -76,3 +76,13 @@ def test_int8_from_a_python_reader_gives_the_same_gated_quantization(vad):
     assert stats["subgraph_weights_quantized"] >= 8
     assert result.report.validation["passed"] is True
     assert result.report.gate["cosine"] >= 0.99
+
+
+def test_distill_refuses_a_model_with_a_0d_input_in_one_line(vad):
+    from .helpers import assert_one_line_error
+
+    folder, _ = vad
+    out = folder / "distilled.onnx"
+    done = run_cli_here("distill", folder / "vad.onnx", folder / "vad.onnx", "-o", out, "--data", folder / "cal.npz")
+    assert_one_line_error(done, "input 'sr' is 0-d")
+    assert done.returncode == 2 and not out.exists()
