@@ -68,6 +68,9 @@ def run_with_gate(pipeline: Pipeline, source: Model, ctx: PassContext, gate: Gat
         k: v for k, v in path[-1].items() if k not in ("attempt", "pipeline", "passed")}}
     if len(path) > 1:
         result.report.notes.append(f"accuracy gate: {len(path) - 1} back-off(s); final pipeline: {path[-1]['pipeline']}")
+        if all(r.lossless for r in result.report.passes) and not pipeline.lossless:
+            result.report.notes.append("no weight was changed: the gate removed every lossy pass, so only the "
+                                       "lossless passes were applied")
     return result
 
 

@@ -132,3 +132,11 @@ def test_verify_each_holds_a_lossy_pass_to_the_gates_agreement_not_to_float_roun
     assert done.returncode == 0, done.stderr
     record = next(p for p in json.loads(done.stdout)["passes"] if p["spec"].startswith("quantize"))
     assert record["status"] == "ok" and record["verification"] == "verified"
+
+
+def test_a_gate_that_removes_every_lossy_pass_says_no_weight_changed(mnist_path, mnist_calibration, tmp_path):
+    calibration, _ = mnist_calibration
+    done = run_cli_here("optimize", mnist_path, "-o", tmp_path / "out.onnx", "--pipeline", "fold, quantize_dynamic(min_size=0)",
+                        "--calibration", calibration, "--min-cosine", "0.99999999")
+    assert done.returncode == 0, done.stderr
+    assert "note: no weight was changed: the gate removed every lossy pass" in done.stdout
