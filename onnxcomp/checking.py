@@ -19,6 +19,7 @@ from onnxcomp.pipeline import LOSSLESS_TOLERANCE, Pipeline
 from onnxcomp.report import Report
 
 NOT_VALIDATED = "NOT VALIDATED (--no-gate)"
+FEW_SAMPLES = 16  # below this many judged samples the report says how little the verdict covers
 
 
 def gate_for(pipeline: Pipeline, gate: Gate | bool | None) -> Gate | None:
@@ -49,6 +50,9 @@ def hold_out(pipeline: Pipeline, ctx: PassContext) -> None:
                          "two samples (part is held out for the accuracy gate) or --evaluation, or --no-gate to "
                          "write it NOT VALIDATED")
     check_disjoint(ctx.calibration, ctx.evaluation)
+    if ctx.evaluation is not None and len(ctx.evaluation) < FEW_SAMPLES:
+        ctx.note(f"the gate judges on {len(ctx.evaluation)} samples: it vouches for inputs like them, not for "
+                 f"content they lack; give --evaluation with {FEW_SAMPLES} or more varied samples for a firmer verdict")
 
 
 def run_with_gate(pipeline: Pipeline, source: Model, ctx: PassContext, gate: Gate):

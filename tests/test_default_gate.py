@@ -48,6 +48,7 @@ def test_a_lossy_preset_with_only_calibration_is_gated_on_held_out_samples_and_t
     assert validation["passed"] is True and validation["verdict"] == "passed the gate"
     assert validation["samples"] == 8 and "[held-out part]" in validation["data"]
     assert any("held out 8 of the 16 calibration samples" in note for note in report["notes"])
+    assert any(note.startswith("the gate judges on 8 samples") for note in report["notes"])  # and says how few
     printed = report["gate"]["per_output"]["Plus214_Output_0"]["cosine"]
     assert printed >= 0.99
     # the figure is what an independent ORT run measures on those held-out samples (the last 8)
