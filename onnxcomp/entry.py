@@ -17,7 +17,30 @@ def raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _redeliver_lost_interrupt(unraisable) -> None:
+    """A Ctrl-C that lands inside a callback Python cannot raise from (importlib's module-lock
+    weakref callback, a __del__) is printed as "Exception ignored in ..." and lost, and the run
+    goes on. Deliver it again to the main thread, where the clean one-line exit catches it;
+    anything else goes to the default hook."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        import _thread
+
+        # from another thread, a moment later: raised now, it would be lost inside this hook again
+        _thread.start_new_thread(_interrupt_main_soon, ())
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _interrupt_main_soon() -> None:
+    import _thread
+    import time
+
+    time.sleep(0.01)
+    _thread.interrupt_main()
+
+
 def main(argv: list[str] | None = None) -> None:
+    sys.unraisablehook = _redeliver_lost_interrupt
     try:
         import signal
 

@@ -122,3 +122,16 @@ def test_importing_onnxcomp_imports_no_onnx_until_a_name_is_used():
             "assert all(getattr(onnxcomp, n) is not None for n in onnxcomp.__all__); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_ctrl_c_lost_in_a_callback_python_cannot_raise_from_is_delivered_again():
+    """A KeyboardInterrupt inside a weakref callback (importlib's module-lock one, in CI) is printed
+    as 'Exception ignored in ...' and lost: the entry point's unraisable hook delivers it again."""
+    code = ("import sys, time, weakref; from onnxcomp import entry; sys.unraisablehook = entry._redeliver_lost_interrupt\n"
+            "class A: pass\n"
+            "def cb(ref): raise KeyboardInterrupt\n"
+            "a = A(); r = weakref.ref(a, cb)\n"
+            "try:\n    del a\n    time.sleep(2)\n    print('lost')\n"
+            "except KeyboardInterrupt:\n    print('delivered again')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "delivered again" and done.stderr == "", done.stderr
