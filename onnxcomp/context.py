@@ -17,6 +17,9 @@ from onnxcomp.calibration import CalibrationData
 
 
 LASTING = "analyses of exact models"  # the _cache entry that invalidate() keeps (analysis_of)
+# Past this many bytes of weights nothing hashes the whole model (analysis_of, the pipeline's
+# weight digests): it would read every external weight into memory and cost seconds per pass.
+HASH_LIMIT = 512 * 2**20
 
 
 @dataclass
@@ -63,13 +66,10 @@ class PassContext:
         """An analysis of this exact model (graph and weights), kept across invalidations: the
         accuracy gate re-runs a pipeline after each back-off, and a pass late in it (prune's layer
         Hessians) then sees the very model it saw before. Keyed by a digest of the serialized
-        model, so any edit makes a new key; past 2 GB of weights it is not kept (serializing
-        would copy every weight)."""
+        model, so any edit makes a new key; past HASH_LIMIT of weights it is not kept."""
         import hashlib
 
-        from onnxcomp.model import PROTOBUF_LIMIT
-
-        if model.summary()["param_bytes"] > PROTOBUF_LIMIT:
+        if model.summary()["param_bytes"] > HASH_LIMIT:
             return self.analysis(key, compute)
         digest = hashlib.blake2b(model.to_proto().SerializeToString(), digest_size=16).hexdigest()
         lasting = self._cache.setdefault(LASTING, {})

@@ -160,9 +160,10 @@ class GateChecker:
 
     def _outputs(self, model) -> list[dict[str, np.ndarray]]:
         from onnxcomp.runtime import make_session, run
+        from onnxcomp.validate import flat_outputs
 
         session = make_session(model, "cpu", threads=None)
-        return [_flat(run(session, feed)) for feed in self.feeds]
+        return [flat_outputs(run(session, feed)) for feed in self.feeds]
 
     def _metric(self, outputs) -> float | None:
         if self.gate.max_drop is None:
@@ -238,19 +239,6 @@ def describe_figures(figures: dict[str, Any]) -> str:
             text += f", score decisions agree {f['score_agreement']:.4f}"
         parts.append(text)
     return "; ".join(parts)
-
-
-def _flat(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Outputs as arrays: a sequence output becomes one entry per element plus its length."""
-    flat = {}
-    for name, value in outputs.items():
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                flat[f"{name}[{i}]"] = np.asarray(item)
-            flat[f"{name}.length"] = np.array(len(value))
-        else:
-            flat[name] = value
-    return flat
 
 
 def is_score_map(values: list[np.ndarray]) -> bool:

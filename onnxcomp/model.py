@@ -430,12 +430,11 @@ def _walk_constants(graph: gs.Graph, seen: set[int]):
         if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
             seen.add(id(tensor))
             yield tensor
+    from onnxcomp.graph_utils import subgraphs
+
     for node in graph.nodes:
-        for attr in node.attrs.values():
-            subgraphs = [attr] if isinstance(attr, gs.Graph) else \
-                [a for a in attr if isinstance(a, gs.Graph)] if isinstance(attr, (list, tuple)) else []
-            for sub in subgraphs:
-                yield from _walk_constants(sub, seen)
+        for sub in subgraphs(node):
+            yield from _walk_constants(sub, seen)
 
 
 def _attach_external_values(model: Model, proto: onnx.ModelProto, deferred: dict) -> None:

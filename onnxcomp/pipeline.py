@@ -144,17 +144,17 @@ class Pipeline:
 
 def weight_digests(model: Model) -> set[bytes] | None:
     """Content digests of every weight (16+ values, any dtype, every graph, Constant nodes too), to
-    tell whether a lossy pass made any weight the model did not hold before. None past 2 GB of
-    weights: hashing would read every external weight into memory."""
+    tell whether a lossy pass made any weight the model did not hold before. None past
+    HASH_LIMIT of weights (the note it feeds is then left out)."""
     import hashlib
 
     import numpy as np
     import onnx_graphsurgeon as gs
 
-    from onnxcomp.model import PROTOBUF_LIMIT
+    from onnxcomp.context import HASH_LIMIT
     from onnxcomp.subgraphs import scopes
 
-    if model.summary()["param_bytes"] > PROTOBUF_LIMIT:
+    if model.summary()["param_bytes"] > HASH_LIMIT:
         return None
     digests = set()
     for scope in scopes(model.graph):

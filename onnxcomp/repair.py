@@ -14,13 +14,12 @@ import onnx_graphsurgeon as gs
 
 def _graphs(graph: gs.Graph):
     """`graph` and every subgraph in it (If/Loop/Scan bodies, nested too)."""
+    from onnxcomp.graph_utils import subgraphs
+
     yield graph
     for node in graph.nodes:
-        for attr in node.attrs.values():
-            subgraphs = [attr] if isinstance(attr, gs.Graph) else \
-                [a for a in attr if isinstance(a, gs.Graph)] if isinstance(attr, (list, tuple)) else []
-            for sub in subgraphs:
-                yield from _graphs(sub)
+        for sub in subgraphs(node):
+            yield from _graphs(sub)
 
 
 def unique_node_names(graph: gs.Graph) -> str | None:

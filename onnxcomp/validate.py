@@ -199,14 +199,23 @@ def outputs_on(model, feeds: list[dict[str, np.ndarray]], provider: str) -> dict
     session = make_session(model, provider, threads=1)
     collected: dict[str, list[np.ndarray]] = {}
     for feed in feeds:
-        for name, value in run(session, feed).items():
-            if isinstance(value, list):  # a sequence output: compare it element by element
-                for i, item in enumerate(value):
-                    collected.setdefault(f"{name}[{i}]", []).append(np.asarray(item))
-                collected.setdefault(f"{name}.length", []).append(np.array(len(value)))
-            else:
-                collected.setdefault(name, []).append(value)
+        for name, value in flat_outputs(run(session, feed)).items():
+            collected.setdefault(name, []).append(value)
     return collected
+
+
+def flat_outputs(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Outputs as arrays: a sequence output becomes one entry per element plus its length, so
+    it is compared element by element."""
+    flat = {}
+    for name, value in outputs.items():
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                flat[f"{name}[{i}]"] = np.asarray(item)
+            flat[f"{name}.length"] = np.array(len(value))
+        else:
+            flat[name] = value
+    return flat
 
 
 def validate(reference, candidate, inputs: Iterable[dict[str, np.ndarray]] | str | None = None,
