@@ -29,6 +29,8 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from onnxcomp.errors import InputError, OutputError
 from onnxcomp.files import cannot_write
 from onnxcomp.repair import describe_nonfinite, nonfinite_initializers, unique_node_names  # noqa: F401 (API)
+from onnxcomp.value_types import (restore_type_attributes, restore_types, type_attributes_as_strings, types_to_keep,
+                                  untyped_for_export)
 
 # graphsurgeon logs warnings to the terminal; onnxcomp reports problems itself, in one line.
 G_LOGGER.severity = G_LOGGER.CRITICAL + 10
@@ -60,13 +62,16 @@ class Model:
     packing: dict | None = None  # set by the entropy pass: save(..., "x.onnxc") packs with this coder
     # one line per repair made while loading (e.g. duplicate node names renamed): the caller says them
     load_notes: list[str] = field(default_factory=list)
+    # optional/map/nested-sequence types graphsurgeon cannot write back, by value name (value_types.py)
+    kept_types: dict[str, bytes] = field(default_factory=dict)
 
     # ---- conversions -------------------------------------------------------------------
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source_path: Path | None = None) -> Model:
         check_structure(proto)
         try:
-            graph = gs.import_onnx(proto)
+            with type_attributes_as_strings(proto):
+                graph = gs.import_onnx(proto)
             graph.toposort()
         except Exception as exc:  # graphsurgeon raises many kinds on malformed graphs
             if "Cycle" in str(exc):
@@ -87,6 +92,7 @@ class Model:
             initializer_inputs=({i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
                                 if proto.ir_version >= 4 else set()),
             load_notes=[renamed] if renamed else [],
+            kept_types=types_to_keep(proto),
         )
 
     def to_proto(self, weights: bool = True) -> onnx.ModelProto:
@@ -102,7 +108,10 @@ class Model:
         opsets = dict(self.opset_imports)
         opsets[""] = self.graph.opset  # a pass may have upgraded the default-domain opset
         self.graph.import_domains = [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()]
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        with untyped_for_export(self.graph, self.kept_types):
+            proto = gs.export_onnx(self.graph, do_type_check=False)
+        restore_types(proto, self.kept_types)
+        restore_type_attributes(proto)
         proto.ir_version = self.ir_version
         proto.producer_name = self.producer_name
         proto.producer_version = self.producer_version

@@ -114,11 +114,79 @@ def run(session, feeds: dict[str, np.ndarray], output_names: list[str] | None = 
     """Run a session; return {output name: array}."""
     names = output_names or [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in wanted}
+    types = {o.name: o.type for o in session.get_outputs()}
     try:
-        values = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        if any(_onnx_type(v.dtype) for v in feeds.values() if isinstance(v, np.ndarray)) or \
+                any(_onnx_type(types.get(n, "")) for n in names):
+            return _run_with_ort_values(session, feeds, names, types)
+        values = session.run(names, feeds)
     except Exception as exc:
         raise CannotRun(f"onnxruntime failed while running the model: {_first_line(exc)}") from exc
     return dict(zip(names, values))
+
+
+# Element types ORT's Python API has no numpy type for (it raises "No corresponding Numpy type"):
+# onnx represents them with ml_dtypes; they cross into ORT as raw bytes of the right ONNX type.
+_PACKED_BITS = {"int4": 4, "uint4": 4, "float4e2m1": 4, "int2": 2, "uint2": 2}  # several per byte in ORT
+
+
+def _onnx_type(dtype_or_ort_type) -> int | None:
+    """The ONNX element type of an ml_dtypes dtype or an ORT type string like 'tensor(bfloat16)',
+    when it is one ORT's numpy bridge cannot carry (bfloat16, float8, float4, int4, int2); else None."""
+    if isinstance(dtype_or_ort_type, str):
+        name = dtype_or_ort_type.removeprefix("tensor(").removesuffix(")").upper()
+        exotic = name == "BFLOAT16" or name.startswith(("FLOAT8", "FLOAT4")) or name in ("INT4", "UINT4", "INT2", "UINT2")
+        return getattr(onnx.TensorProto, name, None) if exotic else None
+    if dtype_or_ort_type.type.__module__.split(".")[0] != "ml_dtypes":
+        return None
+    return onnx.helper.np_dtype_to_tensor_dtype(dtype_or_ort_type)
+
+
+def _run_with_ort_values(session, feeds, names, types) -> dict[str, np.ndarray]:
+    ort_feeds = {key: _to_ort_value(value) for key, value in feeds.items()}
+    values = session.run_with_ort_values(names, ort_feeds)
+    return {name: _to_numpy(value, types.get(name, "")) for name, value in zip(names, values)}
+
+
+def _to_ort_value(value):
+    """A feed as an OrtValue; exotic types written as raw bytes into a tensor ORT allocates."""
+    onnx_type = _onnx_type(value.dtype) if isinstance(value, np.ndarray) else None
+    if onnx_type is None:
+        return onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+    import ctypes
+
+    codes = np.ascontiguousarray(value).view(np.uint8 if value.dtype.itemsize == 1 else np.uint16).ravel()
+    bits = _PACKED_BITS.get(onnx.helper.tensor_dtype_to_string(onnx_type).removeprefix("TensorProto.").lower())
+    if bits is not None:  # pack, lowest bits first
+        per_byte = 8 // bits
+        codes = np.pad(codes & ((1 << bits) - 1), (0, -len(codes) % per_byte)).reshape(-1, per_byte)
+        codes = np.bitwise_or.reduce(codes << (bits * np.arange(per_byte, dtype=np.uint8)), axis=1).astype(np.uint8)
+    tensor = onnxruntime.OrtValue.ortvalue_from_shape_and_type(list(value.shape), onnx_type)
+    if codes.nbytes:
+        ctypes.memmove(tensor.data_ptr(), codes.ctypes.data, codes.nbytes)
+    return tensor
+
+
+def _to_numpy(value, ort_type: str) -> np.ndarray:
+    """An output OrtValue as numpy; exotic types through their raw bytes (ml_dtypes keeps a 4- or
+    2-bit value in the low bits of one byte, ORT packs them lowest bits first)."""
+    onnx_type = _onnx_type(ort_type)
+    if onnx_type is None:
+        return value.numpy()
+    import ctypes
+
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(onnx_type)
+    shape = tuple(value.shape())
+    count = int(np.prod(shape))
+    bits = _PACKED_BITS.get(ort_type.removeprefix("tensor(").removesuffix(")"))
+    if bits is None:
+        raw = np.frombuffer(ctypes.string_at(value.data_ptr(), count * dtype.itemsize), np.uint8)
+        return raw.view(dtype).reshape(shape).copy()
+    per_byte = 8 // bits
+    raw = np.frombuffer(ctypes.string_at(value.data_ptr(), -(-count // per_byte)), np.uint8)
+    codes = np.stack([(raw >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)], axis=-1).ravel()[:count]
+    return codes.astype(np.uint8).view(dtype).reshape(shape)
 
 
 def _first_line(exc: BaseException) -> str:
