@@ -53,7 +53,7 @@ def input_specs(model) -> list[InputSpec]:
 
     from onnxcomp.model import Model
 
-    proto = model.to_proto() if isinstance(model, Model) else model
+    proto = model.to_proto(weights=False) if isinstance(model, Model) else model  # the inputs only
     initializers = {i.name for i in proto.graph.initializer}
     specs = []
     for vi in proto.graph.input:

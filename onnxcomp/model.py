@@ -184,7 +184,20 @@ def peek_values(const: gs.Constant) -> np.ndarray:
     """A constant's values without keeping them loaded in the Constant (lazy ones are read again
     on each call): to read every weight once (hashing...) without holding them all in memory."""
     values = const._values
-    return values.load() if isinstance(values, LazyValues) else values
+    if not isinstance(values, LazyValues):
+        return values
+    tensor = values.tensor
+    if tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL and \
+            tensor.data_type in _NATIVE_DTYPES and np.little_endian:
+        # a read-only view of the protobuf's bytes: no copy (numpy_helper.to_array copies every weight)
+        return np.frombuffer(tensor.raw_data, _NATIVE_DTYPES[tensor.data_type]).reshape(tuple(tensor.dims))
+    return values.load()
+
+
+_NATIVE_DTYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64)}
 
 
 def _drop_shadowing_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
@@ -620,8 +633,11 @@ def _set_location(meta: onnx.TensorProto, location: str, offset: int, length: in
         meta.external_data.add(key=key, value=value)
 
 
+NOT_LOADED = "(not loaded)"  # the location of a weight `to_proto(weights=False)` leaves out
+
+
 def _point_nowhere(meta: onnx.TensorProto, const: gs.Constant) -> None:
-    _set_location(meta, "(not loaded)", 0, constant_nbytes(const))
+    _set_location(meta, NOT_LOADED, 0, constant_nbytes(const))
 
 
 def _export_streaming(model: Model, data, data_name: str, moved: list) -> onnx.ModelProto:

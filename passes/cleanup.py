@@ -254,23 +254,30 @@ def _keeps_shape(facts: dict, x: gs.Tensor, value: np.ndarray) -> bool:
 def _merge_duplicates(graph: gs.Graph, default_inputs: set[str] | frozenset = frozenset()) -> int:
     """Make every node read one Constant per distinct (dtype, shape, bytes); returns merges.
     Inputs with a default value (`default_inputs`, overridable by users) are never merged."""
-    keep: dict[tuple, gs.Constant] = {}
     replace: dict[int, gs.Constant] = {}
     protected = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
+    by_shape: dict[tuple, dict[int, gs.Constant]] = {}
     for node in gu.iter_nodes(graph):
         for tensor in node.inputs:
-            if (not isinstance(tensor, gs.Constant) or id(tensor) in protected or id(tensor) in replace
+            if (not isinstance(tensor, gs.Constant) or id(tensor) in protected
                     or tensor.name in default_inputs):
                 continue
+            try:  # dtype and shape come from the header: no weight is read here
+                key = (np.dtype(tensor.dtype).str, tuple(tensor.shape))
+            except Exception:  # noqa: BLE001, S112 - an ONNX-only dtype numpy lacks (float8...)
+                continue
+            if key[0][1] in "biufc":
+                by_shape.setdefault(key, {})[id(tensor)] = tensor
+    for group in by_shape.values():  # only constants that share a dtype and shape can be equal
+        keep: dict[str, gs.Constant] = {}
+        for tensor in group.values() if len(group) > 1 else ():
             try:
                 value = np.asarray(peek_values(tensor))  # (ascontiguousarray would turn scalars into 1-D)
             except Exception:  # noqa: BLE001, S112 - onnx/ORT raise many exception types
                 continue
-            if value.dtype.kind not in "biufc":
-                continue
             # hashed in place (tobytes() would copy each weight: GBs on a large model)
-            key = (value.dtype.str, value.shape, hashlib.sha1(np.ascontiguousarray(value).reshape(-1).view(np.uint8)).hexdigest())
-            first = keep.setdefault(key, tensor)
+            digest = hashlib.sha1(np.ascontiguousarray(value).reshape(-1).view(np.uint8)).hexdigest()
+            first = keep.setdefault(digest, tensor)
             if first is not tensor:
                 replace[id(tensor)] = first
     if not replace:

@@ -85,7 +85,7 @@ class Fuse(Pass):
             elif node.op == "Add" and self.config.gemm and opset >= 7:
                 if self._facts is None and any(_producer(t, "MatMul") for t in node.inputs):
                     model.graph.cleanup(remove_unused_graph_inputs=False)  # drop emptied nodes before inference
-                    self._facts = sf.scoped_facts(model.to_proto(), model.graph)
+                    self._facts = sf.scoped_facts(model.to_proto(weights=False), model.graph)  # shapes: no weights
                 facts = self._facts.get(id(graph)) if self._facts is not None else None
                 done = facts is not None and _matmul_add_to_gemm(graph, node, consumers, facts, opset) and "gemm_fused"
             elif node.op == "Transpose" and self.config.transposes:
