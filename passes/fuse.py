@@ -10,6 +10,10 @@ Rewrites
     Add(Conv(x, W, b), c)                      -> Conv(x, W, b + c)     c constant, one value per output channel
     Mul(Conv(x, W, b), k)                      -> Conv(x, W*k, b*k)     k constant, one value per output channel
     Mul(Mul(x, c1), c2)                        -> Mul(x, c1*c2)         (and Add chains) c1, c2 constant
+    Mul(BatchNormalization(x), k)              -> BatchNormalization(x) with scale*k, B*k   k per channel
+    Add(BatchNormalization(x), c)              -> BatchNormalization(x) with B+c           (a BN whose conv
+                                                  is shared by several branches cannot fold into it)
+    Unsqueeze(Unsqueeze(x, a1), a2)            -> Unsqueeze(x, a1 and a2 in output positions)
 
 BatchNormalization is folded only in inference mode, when the conv's output feeds nothing else and
 all weights are constants; new weights are new initializers (shared ones are never edited).
@@ -48,6 +52,8 @@ class Fuse(Pass):
         transposes: bool = param(True, "merge consecutive Transposes (and drop identity ones)")
         reshapes: bool = param(True, "merge consecutive Reshapes")
         conv_affine: bool = param(True, "fold a per-channel constant Add/Mul after a Conv into its bias/weights")
+        batchnorm_affine: bool = param(True, "fold a per-channel constant Add/Mul after a BatchNormalization into it")
+        unsqueezes: bool = param(True, "merge consecutive Unsqueezes")
 
     def run(self, model, ctx) -> PassResult:
         stats: Counter = Counter()
@@ -82,12 +88,16 @@ class Fuse(Pass):
             elif node.op in ("Add", "Mul") and self.config.conv_affine and _merge_constant_chain(graph, node, consumers,
                                                                                                    opset):
                 done = "mul_chains_merged" if node.op == "Mul" else "add_chains_merged"
-            elif node.op == "Add" and self.config.gemm and opset >= 7:
-                if self._facts is None and any(_producer(t, "MatMul") for t in node.inputs):
-                    model.graph.cleanup(remove_unused_graph_inputs=False)  # drop emptied nodes before inference
-                    self._facts = sf.scoped_facts(model.to_proto(weights=False), model.graph)  # shapes: no weights
-                facts = self._facts.get(id(graph)) if self._facts is not None else None
+            elif node.op in ("Add", "Mul") and self.config.batchnorm_affine and opset >= 7 and \
+                    any(_producer(t, "BatchNormalization") for t in node.inputs):
+                facts = self._facts_of(model, graph)
+                done = facts is not None and _fold_into_batchnorm(graph, node, consumers, facts) and \
+                    f"batchnorm_{node.op.lower()}_folded"
+            elif node.op == "Add" and self.config.gemm and opset >= 7 and any(_producer(t, "MatMul") for t in node.inputs):
+                facts = self._facts_of(model, graph)
                 done = facts is not None and _matmul_add_to_gemm(graph, node, consumers, facts, opset) and "gemm_fused"
+            elif node.op == "Unsqueeze" and self.config.unsqueezes:
+                done = _merge_unsqueezes(graph, node, opset) and "unsqueezes_merged"
             elif node.op == "Transpose" and self.config.transposes:
                 done = _merge_transposes(graph, node) or None
             elif node.op == "Reshape" and self.config.reshapes and opset >= 5:
@@ -95,6 +105,13 @@ class Fuse(Pass):
             if done:
                 stats[done] += 1
                 consumers = gu.consumers_map(model.graph)
+
+    def _facts_of(self, model, graph) -> dict | None:
+        """Shape-inference facts of `graph`'s tensors, inferred once per run (no weights exported)."""
+        if self._facts is None:
+            model.graph.cleanup(remove_unused_graph_inputs=False)  # drop emptied nodes before inference
+            self._facts = sf.scoped_facts(model.to_proto(weights=False), model.graph)
+        return self._facts.get(id(graph))
 
 
 # Set for the graph being fused: model-wide unique names (when the model has subgraphs), the
@@ -301,4 +318,61 @@ def _merge_reshapes(graph, r2: gs.Node) -> bool:
     if r1 is None or target is None or np.any(target == 0):
         return False  # 0 copies a dimension of the intermediate shape
     r2.inputs[0] = r1.inputs[0]
+    return True
+
+
+def _fold_into_batchnorm(graph, node: gs.Node, consumers, facts) -> bool:
+    """Mul/Add of a per-channel constant after an inference BatchNormalization -> its scale and B."""
+    for index in (0, 1):
+        y, c_tensor = node.inputs[index], node.inputs[1 - index]
+        bn = _producer(y, "BatchNormalization")
+        c = _const(graph, c_tensor)
+        if bn is None or c is None or len(bn.inputs) != 5 or bn.attrs.get("training_mode", 0) or \
+                not bn.attrs.get("spatial", 1) or len(bn.outputs) != 1 or not _only_feeds(graph, y, node, consumers):
+            continue
+        scale, bias = _const(graph, bn.inputs[1]), _const(graph, bn.inputs[2])
+        rank = gu.rank(facts, y)
+        if scale is None or bias is None or rank is None or rank < 2 or c.dtype != scale.dtype or c.dtype.kind != "f":
+            continue
+        channels = scale.shape[0]
+        padded = (1,) * (rank - c.ndim) + c.shape
+        if c.ndim > rank or padded[0] != 1 or padded[1] not in (1, channels) or any(d != 1 for d in padded[2:]):
+            continue  # anything but one value per channel (or one in all) would change the shape
+        k = np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
+        if node.op == "Mul":
+            new_scale, new_bias = scale * k, bias * k
+            bn.inputs[1] = _new_const(graph, bn.inputs[1].name + "_scaled", new_scale.astype(scale.dtype))
+        else:
+            new_bias = bias + k
+        bn.inputs[2] = _new_const(graph, bn.inputs[2].name + "_shifted", new_bias.astype(bias.dtype))
+        out = node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        bn.outputs[0] = out
+        return True
+    return False
+
+
+def _unsqueeze_axes(graph, node: gs.Node, opset: int) -> list[int] | None:
+    if opset >= 13:
+        axes = _const(graph, node.inputs[1]) if len(node.inputs) > 1 else None
+        return None if axes is None else [int(a) for a in axes.reshape(-1)]
+    return [int(a) for a in node.attrs.get("axes", [])] or None
+
+
+def _merge_unsqueezes(graph, u2: gs.Node, opset: int) -> bool:
+    """Unsqueeze(Unsqueeze(x, a1), a2) -> Unsqueeze(x, a): a2 are output positions; the first's a1
+    index the intermediate, whose dims sit, in order, at the output positions not in a2."""
+    u1 = _producer(u2.inputs[0], "Unsqueeze")
+    a1 = _unsqueeze_axes(graph, u1, opset) if u1 is not None else None
+    a2 = _unsqueeze_axes(graph, u2, opset)
+    if a1 is None or a2 is None or min(a1 + a2) < 0:
+        return False  # negative axes need the rank
+    free = [p for p in range(len(a1) + len(a2) + max(a1) + 1) if p not in set(a2)]
+    axes = sorted(set(a2) | {free[i] for i in a1})
+    u2.inputs[0] = u1.inputs[0]
+    if opset >= 13:
+        u2.inputs[1] = _new_const(graph, "unsqueeze_axes", np.array(axes, np.int64))
+    else:
+        u2.attrs["axes"] = axes
     return True

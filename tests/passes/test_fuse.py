@@ -202,3 +202,46 @@ def test_fuse_merges_a_chain_of_constant_multiplications():
     assert result.stats == {"mul_chains_merged": 1}
     assert [n.op for n in model.graph.nodes] == ["Mul"]
     assert onnxcomp.validate(proto, model, tolerance=onnxcomp.Tolerance(atol=1e-6, rtol=1e-6)).passed
+
+
+def test_fuse_folds_per_channel_mul_and_add_after_batchnorms_of_a_shared_conv():
+    """inception_v2's pattern: one Conv read by several BN -> Mul -> Add branches; the BNs cannot
+    fold into the shared Conv, but each branch's Mul and Add fold into its BN."""
+    proto, model, result = fuse('''g (float[1,3,8,8] x) => (float[1,4,6,6] y1, float[1,4,6,6] y2) {
+        c = Conv(x, W, B)
+        b1 = BatchNormalization(c, scale, bias, mean, var)
+        m1 = Mul(b1, k)
+        y1 = Add(m1, a)
+        b2 = BatchNormalization(c, scale2, bias2, mean, var)
+        y2 = Mul(k1, b2)
+    }''', W=RNG.standard_normal((4, 3, 3, 3)), B=RNG.standard_normal(4), k=RNG.uniform(-2, 2, (4, 1, 1)),
+                                 a=RNG.standard_normal((1, 4, 1, 1)), k1=np.array([1.5]), scale2=RNG.uniform(0.5, 2, 4),
+                                 bias2=RNG.standard_normal(4), **bn_weights(4))
+    assert result.stats["batchnorm_mul_folded"] == 2 and result.stats["batchnorm_add_folded"] == 1
+    assert sorted(ops(model)) == ["BatchNormalization", "BatchNormalization", "Conv"]
+    assert close(proto, model.to_proto(), {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)})
+
+
+def test_fuse_keeps_a_mul_after_batchnorm_that_is_not_per_channel():
+    """(4, 1) on a rank-3 output [1, 4, 6] scales rows of the last two axes: no BN scale expresses it."""
+    _, model, result = fuse('''g (float[1,4,6] x) => (float[1,4,6] y) {
+        b = BatchNormalization(x, scale, bias, mean, var)
+        y = Mul(b, k)
+    }''', k=RNG.standard_normal((4, 6)), **bn_weights(4))
+    assert not result.changed and ops(model) == ["BatchNormalization", "Mul"]
+
+
+@pytest.mark.parametrize("a1,a2", [([0], [0]), ([0, 2], [1]), ([1], [0, 3]), ([0], [2, 4]), ([3], [0])])
+def test_fuse_merges_consecutive_unsqueezes_into_one_with_the_same_output(a1, a2):
+    proto, model, result = fuse(f'''g (float[2,3,4] x) => (float y) {{
+        u = Unsqueeze(x, a1)
+        y = Unsqueeze(u, a2)
+    }}''')
+    for name, axes in (("a1", a1), ("a2", a2)):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), name))
+    model = Model.from_proto(proto)
+    result = Fuse().run(model, PassContext())
+    assert result.stats["unsqueezes_merged"] == 1 and ops(model) == ["Unsqueeze"]
+    x = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    before, after = (make_session(m, "cpu").run(None, {"x": x})[0] for m in (proto, model.to_proto()))
+    assert before.shape == after.shape and np.array_equal(before, after)
