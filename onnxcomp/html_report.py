@@ -215,9 +215,10 @@ def _outputs(validation: dict[str, Any]) -> str:
         if provider.get("skipped"):
             rows.append([provider["provider"], "-", "-", "-", "-", provider["skipped"]])
         for o in provider.get("outputs", []):
-            agreement = o.get("score_agreement")
-            rows.append([provider["provider"], o["name"], o["max_abs"], o["cosine"],
-                         "-" if agreement is None else agreement,
+            agreement = "; ".join(f"{label} {o[key]:.4f}" for key, label in (("score_agreement", "score Dice"),
+                                                                            ("top1", "top-1"))
+                                  if o.get(key) is not None)
+            rows.append([provider["provider"], o["name"], o["max_abs"], o["cosine"], agreement or "-",
                          (verdict if validation.get("passed") is not None else "figures only")
                          if o.get("passed", True) else o.get("reason") or "OUTSIDE tolerance"])
     table = _table(["provider", "output", "max abs", "cosine", "decision agreement", "verdict"], rows) if rows else ""

@@ -141,3 +141,42 @@ def test_a_gate_that_removes_every_lossy_pass_says_no_weight_changed(mnist_path,
                         "--calibration", calibration, "--min-cosine", "0.99999999")
     assert done.returncode == 0, done.stderr
     assert "note: no weight was changed: the gate removed every lossy pass" in done.stdout
+
+
+def _softmax_mnist(mnist_path, bias_shift: np.ndarray | None = None) -> onnx.ModelProto:
+    """The real MNIST model with a Softmax on its logits (a class-distribution output), optionally
+    with its last bias shifted (a compression that moves the decisions)."""
+    proto = onnx.load(str(mnist_path))
+    logits = proto.graph.output[0].name
+    if bias_shift is not None:
+        add = next(n for n in proto.graph.node if logits in n.output)
+        bias = next(t for t in proto.graph.initializer if t.name in add.input)
+        bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + bias_shift, bias.name))
+    proto.graph.node.append(onnx.helper.make_node("Softmax", [logits], ["probs"], axis=-1))
+    proto.graph.output[0].name = "probs"
+    return proto
+
+
+def test_the_top1_check_counts_every_flipped_class_decision_on_a_real_classifier(mnist_path, mnist_calibration):
+    from onnxcomp.gate import Gate, GateChecker, is_class_distribution, top1_agreement
+
+    _, feeds = mnist_calibration
+    reference = _softmax_mnist(mnist_path)
+    probs = [run(make_session(reference), f)["probs"] for f in feeds[:8]]
+    assert is_class_distribution(probs) and not is_class_distribution([p * 2 for p in probs])
+    # swap the top two classes of the least sure sample: one decision in eight flips
+    flipped = [p.copy() for p in probs]
+    row = int(np.argmin([np.sort(p.ravel())[-1] for p in probs]))
+    top2 = np.argsort(flipped[row].ravel())[-2:]
+    flipped[row][0, top2] = flipped[row][0, top2[::-1]]
+    assert top1_agreement(probs, flipped) == 7 / 8 and top1_agreement(probs, probs) == 1.0
+
+    checker = GateChecker(Gate.default(), reference, feeds[:8])
+    assert checker.check(reference).passed and checker.check(reference).figures["top1_agreement"] == 1.0
+    logits = run(make_session(str(mnist_path)), feeds[row])  # favour that sample's runner-up just enough
+    logits = np.sort(next(iter(logits.values())).ravel())
+    shifted = np.zeros(10, np.float32)
+    shifted[int(np.argsort(probs[row].ravel())[-2])] = logits[-1] - logits[-2] + 0.5
+    verdict = checker.check(_softmax_mnist(mnist_path, shifted))
+    assert not verdict.passed and "top-1 classes agree" in verdict.reason
+    assert verdict.figures["top1_agreement"] < 0.95
