@@ -162,22 +162,26 @@ def _fold_batchnorm(graph, bn: gs.Node, consumers, opset) -> bool:
         return False
     if weight.dtype.kind != "f" or any(p.ndim != 1 for p in params):
         return False
-    scale, beta, mean, var = (p.astype(np.float64) for p in params)
-    s = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-    w = weight.astype(np.float64)
+    # float32 weights are folded in float32, in ONNX Runtime's own order (its ConvBNFusion: var + eps,
+    # sqrt, scale / that, W * s; (B - mean) * s + beta): ORT folds an unfused model the same way at
+    # load, so the fused model gives bit-identical outputs there. Other dtypes fold in float64.
+    work = np.float32 if weight.dtype == np.float32 and all(p.dtype == np.float32 for p in params) else np.float64
+    scale, beta, mean, var = (p.astype(work) for p in params)
+    s = scale / np.sqrt(var + work(bn.attrs.get("epsilon", 1e-5)))
+    w = weight.astype(work)
     channels = s.shape[0]
     if conv.op == "Conv":
         if weight.shape[0] != channels:
             return False
         w = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
-        b = bias.astype(np.float64) if has_bias else np.zeros(channels)
+        b = bias.astype(work) if has_bias else None
     elif conv.op == "ConvTranspose":
         group = int(conv.attrs.get("group", 1))
         if weight.shape[1] * group != channels or weight.shape[0] % group:
             return False
         shaped = w.reshape((group, weight.shape[0] // group, weight.shape[1]) + weight.shape[2:])
         w = (shaped * s.reshape((group, 1, -1) + (1,) * (weight.ndim - 2))).reshape(weight.shape)
-        b = bias.astype(np.float64) if has_bias else np.zeros(channels)
+        b = bias.astype(work) if has_bias else None
     else:  # Gemm: Y = alpha * A' B' + beta * C, channels on the last axis
         trans_b = int(conv.attrs.get("transB", 0))
         if weight.ndim != 2 or weight.shape[0 if trans_b else 1] != channels:
@@ -190,7 +194,7 @@ def _fold_batchnorm(graph, bn: gs.Node, consumers, opset) -> bool:
         conv.attrs["alpha"], conv.attrs["beta"] = 1.0, 1.0
         if opset < 7:
             conv.attrs["broadcast"] = 1
-    new_b = (b - mean) * s + beta
+    new_b = beta - mean * s if b is None else (b - mean) * s + beta
     conv.inputs[1] = _new_const(graph, conv.inputs[1].name + "_bn", w.astype(weight.dtype))
     _absorb(graph, conv, bn, new_b.astype(weight.dtype))
     return True
