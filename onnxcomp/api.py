@@ -73,7 +73,6 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
     warnings = list(source.load_notes) + [w for w in [describe_nonfinite(nonfinite_initializers(source))] if w]
     check_dims(source, dims or {})
     check_shapes(source, shapes or {})
-    original = source.copy()
     pipeline = as_pipeline(spec_or_pipeline)
     if verify_each:
         pipeline.verify_each = True
@@ -100,6 +99,8 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
         # --verify-each holds each lossy pass to the gate's agreement with the model before it,
         # not to float rounding (which every lossy pass breaks by design)
         ctx.tolerance = Tolerance(atol=float("inf"), rtol=0.0, min_cosine=held_to.min_cosine or DEFAULT_MIN_COSINE)
+    # the model as given, for the verdict (a lossless run with check=False has none to make)
+    original = source.copy() if (held_to is not None or not pipeline.lossless or check) else None
     if held_to is not None:
         checking.hold_out(pipeline, ctx)
         result = checking.run_with_gate(pipeline, source, ctx, held_to)

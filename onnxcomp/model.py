@@ -28,6 +28,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxcomp.errors import InputError, OutputError
 from onnxcomp.files import cannot_write
+from onnxcomp.graph_utils import toposort
 from onnxcomp.repair import describe_nonfinite, nonfinite_initializers, unique_node_names  # noqa: F401 (API)
 from onnxcomp.value_types import (restore_type_attributes, restore_types, type_attributes_as_strings, types_to_keep,
                                   untyped_for_export)
@@ -72,7 +73,7 @@ class Model:
         try:
             with type_attributes_as_strings(proto):
                 graph = gs.import_onnx(proto)
-            graph.toposort()
+            toposort(graph)
         except Exception as exc:  # graphsurgeon raises many kinds on malformed graphs
             if "Cycle" in str(exc):
                 raise InputError("the graph has a cycle: a node depends on its own output") from exc
@@ -104,7 +105,7 @@ class Model:
         if not weights:
             with _weights_as_stubs(self, lambda const, stub: _point_nowhere(stub, const)):
                 return self.to_proto()
-        self.graph.toposort()
+        toposort(self.graph)
         opsets = dict(self.opset_imports)
         opsets[""] = self.graph.opset  # a pass may have upgraded the default-domain opset
         self.graph.import_domains = [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()]

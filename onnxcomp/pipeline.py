@@ -18,6 +18,7 @@ from onnxcomp import registry
 from onnxcomp.base import Pass
 from onnxcomp.context import PassContext, Tolerance
 from onnxcomp.errors import GateFailed, OnnxcompError, PassError, SpecError
+from onnxcomp.graph_utils import toposort
 from onnxcomp.model import Model
 from onnxcomp.report import PassRecord, Report
 from onnxcomp.spec import load_file_steps, parse_steps
@@ -95,7 +96,7 @@ class Pipeline:
             t0 = time.perf_counter()
             try:
                 result = pass_.run(model, ctx)
-                model.graph.toposort()
+                toposort(model.graph)
             except OnnxcompError as exc:
                 if snapshot is None:
                     raise PassError(f"pass {pass_}: {exc}") from exc

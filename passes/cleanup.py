@@ -68,14 +68,14 @@ class Cleanup(Pass):
             if counts_before[1]:
                 stats["weights_renamed"] = unique_weight_names(graph)  # merging must not bring two names together
             stats["initializers_merged"] = _merge_duplicates(graph, model.initializer_inputs)
-            graph.toposort()  # (every graph: the merges cascade in topological order)
+            gu.toposort(graph)  # (every graph: the merges cascade in topological order)
             stats["duplicate_nodes_merged"] = sum(_merge_duplicate_nodes(s.graph) for s in scopes(graph))
         before = [id(n) for n in graph.nodes]
         total_before = sum(counts_before) - stats["noops_removed"]
         graph.cleanup(remove_unused_graph_inputs=False)  # (subgraphs included)
         counts_after = sf.node_counts(graph)
         stats["dead_nodes_removed"] = max(0, total_before - sum(counts_after))
-        graph.toposort()
+        gu.toposort(graph)
         reordered = [id(n) for n in graph.nodes] != [i for i in before if i in {id(n) for n in graph.nodes}]
         stats["dead_nodes_removed"] = max(0, stats["dead_nodes_removed"] - stats["duplicate_nodes_merged"])
         changed = bool(stats["noops_removed"] or stats["initializers_merged"] or stats["dead_nodes_removed"]

@@ -59,7 +59,7 @@ class Fuse(Pass):
         stats: Counter = Counter()
         before = sf.node_counts(model.graph)
         self._facts = None
-        self._names = NameSpace(model.graph) if before[1] else None
+        self._names = NameSpace(model.graph)  # one scan; a name per new weight is then O(1)
         self._runtime = sf.overridable(model.graph, model.initializer_inputs)
         for scope in scopes(model.graph):  # outer first; nodes read outer tensors, never inner ones
             self._fuse_graph(model, scope.graph, stats)
@@ -114,10 +114,10 @@ class Fuse(Pass):
         return self._facts.get(id(graph))
 
 
-# Set for the graph being fused: model-wide unique names (when the model has subgraphs), the
+# Set for the graph being fused: model-wide unique names, the
 # nodes of this graph (a rewrite never merges a node of an outer scope into an inner one), and
 # the inputs of every graph (constants that a user or a loop can override are not constants).
-_NAMES: NameSpace | None = None
+_NAMES: NameSpace
 _LOCAL: set[int] = set()
 _RUNTIME: set[int] = set()
 
@@ -139,7 +139,7 @@ def _const(graph, tensor) -> np.ndarray | None:
 
 
 def _new_const(graph, base: str, value: np.ndarray) -> gs.Constant:
-    name = _NAMES.unique(base) if _NAMES is not None else gu.unique_name(graph, base)
+    name = _NAMES.unique(base)
     return gs.Constant(name, np.ascontiguousarray(value))
 
 
