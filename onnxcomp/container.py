@@ -262,6 +262,27 @@ def _bundles(sizes: dict[int, tuple[int, tuple[str, int]]]) -> tuple[list[int], 
     return sorted(alone + singles), [b for b in bundles if len(b) > 1]
 
 
+CODING_THREADS = min(4, os.cpu_count() or 1)  # streams coded at once (each holds one tensor in memory)
+
+
+def _in_order(jobs: list, workers: int) -> Iterator:
+    """Run the jobs on `workers` threads, at most `workers` ahead of the one being consumed, and
+    yield their results in order (the streams are written in order; memory holds `workers` tensors)."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from (job() for job in jobs)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending = [pool.submit(job) for job in jobs[:workers]]
+        for i in range(len(jobs)):
+            result = pending[i].result()
+            pending[i] = None  # (its tensor can go)
+            if i + workers < len(jobs):
+                pending.append(pool.submit(jobs[i + workers]))
+            yield result
+
+
 def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned: bool = False,
             external: dict[str, tuple[Path, int, int]] | None = None) -> dict[str, Any]:
     """Write the packed model to the binary file `out`; returns the stats.
@@ -353,22 +374,31 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
     without_tables: dict[int, tuple[bytes, str]] = {}  # stream position -> (stream, choice)
     without_rans: dict[int, tuple[bytes, str]] = {}
     streams: list[_Stream] = []
+    def code(values, kind, itemsize, shape, members, pad):
+        """Code one stream (in a worker thread: the coders release the GIL) -> what record() keeps."""
+        stream, choice = coding.encode_tensor(values, kind, itemsize, shape, coder, shared)
+        plain = coding.encode_tensor(values, kind, itemsize, shape, coder, rans=False) \
+            if recode and "rans" in choice else None
+        own = coding.encode_tensor(values, kind, itemsize, shape, coder) if recode and "rans*" in choice else None
+        return stream, choice, plain, own, members, pad
+
+    def code_alone(index):
+        fid, values, kind, itemsize, unsigned, shape = prepared(index)
+        return code(unsigned, kind, itemsize, shape, [member_of(index, fid, values, unsigned)], 0)
+
     with tempfile.TemporaryFile() as spill:
-        def code(values, kind, itemsize, shape, members, pad):
-            stream, choice = coding.encode_tensor(values, kind, itemsize, shape, coder, shared)
-            if recode and "rans" in choice:
-                without_rans[len(streams)] = coding.encode_tensor(values, kind, itemsize, shape, coder, rans=False)
-            if recode and "rans*" in choice:
-                without_tables[len(streams)] = coding.encode_tensor(values, kind, itemsize, shape, coder)
+        def record(stream, choice, plain, own, members, pad):
+            if plain is not None:
+                without_rans[len(streams)] = plain
+            if own is not None:
+                without_tables[len(streams)] = own
             spill.write(stream)
             streams.append(_Stream(members, pad, len(stream), zlib.crc32(stream), choice))
 
-        for index in alone:
-            fid, values, kind, itemsize, unsigned, shape = prepared(index)
-            code(unsigned, kind, itemsize, shape, [member_of(index, fid, values, unsigned)], 0)
-            del values, unsigned
-        for indices in bundles:
-            code(*bundled(indices))
+        jobs = [functools.partial(code_alone, index) for index in alone] + \
+            [functools.partial(lambda indices: code(*bundled(indices)), indices) for indices in bundles]
+        for result in _in_order(jobs, CODING_THREADS):
+            record(*result)
         for stream in streams:
             for m in stream.members:
                 tensor = tensors[m.index]

@@ -23,12 +23,13 @@ import onnx
 
 from onnxcomp.coding import planes as _planes
 from onnxcomp.coding import tables as _tables
+from onnxcomp.coding import tensor as _tensor
 from onnxcomp.coding.io import CorruptStream
 from onnxcomp.coding.tensor import CODERS, decode as decode_tensor, encode as encode_tensor
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE, onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
-FIT_ROWS = 20000
+FIT_ROWS = 8000
 UNIFORM_BITS = 7.5
 
 
@@ -50,6 +51,8 @@ def fit_shared(items, coder: str) -> np.ndarray:
         return np.zeros((0, 256), np.int64)
     hists = []
     for values, kind, itemsize, shape in items:
+        if values.nbytes > _tensor.SAMPLE_MIN:  # rows of a sample: the fit keeps FIT_ROWS rows anyway
+            values, shape = _tensor.sample(values, shape, itemsize)
         for v in _planes.variants(values, kind, itemsize, shape):
             if len(v.lengths) < 2:
                 continue

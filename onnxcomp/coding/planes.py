@@ -117,21 +117,23 @@ def unorder(values: np.ndarray, axis: int, rows: int) -> np.ndarray:
 
 
 def variants(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
-             try_sparse: bool = True) -> list[Variant]:
-    """Candidate layouts: rows on axis 0 and on the last axis; dense and (floats) sparse."""
+             try_sparse: bool = True, only: tuple[int, bool] | None = None) -> list[Variant]:
+    """Candidate layouts: rows on axis 0 and on the last axis; dense and (floats) sparse.
+    `only=(axis, sparse)`: build just that one (when a sample has chosen it)."""
     n = values.size
     axes = [(0, shape[0] if shape and shape[0] > 0 else 1)]
     if len(shape) >= 2 and shape[-1] > 1:
         axes.append((1, shape[-1]))
     out = []
     for axis, rows in axes:
-        if n % rows:
+        if n % rows or (only is not None and only[0] != axis):
             continue
         v = order(values, axis, rows)
         g = group_factor(rows, n)
         lengths = dense_lengths(rows, n)
-        out.append(Variant(axis, rows, False, to_planes(v, kind, itemsize), lengths))
-        if try_sparse and kind == "f" and n >= 256:
+        if only is None or not only[1]:
+            out.append(Variant(axis, rows, False, to_planes(v, kind, itemsize), lengths))
+        if try_sparse and kind == "f" and n >= 256 and (only is None or only[1]):
             nzmask = v.view(UINT[itemsize]) != 0
             nnz = int(nzmask.sum())
             if nnz <= 0.9 * n:

@@ -37,11 +37,12 @@ def row_costs(hists: np.ndarray, tables: np.ndarray) -> np.ndarray:
 
 
 def _cluster_sums(hists: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
-    """(k, 256) sum of the rows assigned to each cluster (a one-hot matrix product: much faster
-    than np.add.at over tens of thousands of rows)."""
-    onehot = np.zeros((k, len(assign)))
-    onehot[assign, np.arange(len(assign))] = 1.0
-    return onehot @ hists
+    """(k, 256) sum of the rows assigned to each cluster: a sparse one-hot matrix product (np.add.at
+    over tens of thousands of rows is slow, and a dense one-hot product took most of a pack)."""
+    from scipy import sparse
+
+    onehot = sparse.csr_matrix((np.ones(len(assign)), (assign, np.arange(len(assign)))), shape=(k, len(assign)))
+    return np.asarray(onehot @ hists)
 
 
 def _lloyd(hists: np.ndarray, k: int, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -95,7 +95,7 @@ def brotli_decompress(data: bytes | memoryview, n: int, where: str, exact: bool 
 def zstd_compress(data: bytes) -> bytes:
     import zstandard
 
-    level = 19 if len(data) <= ZSTD_BIG else 6
+    level = 19 if len(data) <= ZSTD_BIG and not getattr(_local, "sampling", False) else 6
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
 
@@ -247,41 +247,101 @@ def describe(form: int, methods: list[int], sparse: bool = False) -> str:
     return ("sparse" if sparse else "planes") + "[" + ",".join(NAMES[m] for m in methods) + "]"
 
 
+SAMPLE_MIN = 1 << 20    # a tensor over this many bytes picks its coding on a sample, then codes once
+SAMPLE_BYTES = 256 << 10  # about this much of it, in SAMPLE_PIECES runs of whole leading slices
+SAMPLE_PIECES = 8
+
+
 def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...], coder: str,
            shared: np.ndarray | None = None, rans: bool = True) -> tuple[bytes, str]:
     """Code one tensor (values: 1-D unsigned view of the element bytes). Returns (stream, choice).
-    `rans=False`: no rANS plane, so decoding it needs no numba."""
+    `rans=False`: no rANS plane, so decoding it needs no numba.
+
+    Every candidate coding (whole-tensor methods; each layout with each plane's methods) is tried;
+    on a tensor over SAMPLE_MIN bytes they are tried on a sample of it, and the tensor is then coded
+    once, with the sample's winner (its layout and each plane's method, raw as the fallback): the
+    full search coded each large tensor about ten times over."""
+    plan = None
+    if values.nbytes > SAMPLE_MIN:
+        part, part_shape = sample(values, shape, itemsize)
+        if part.size < values.size:
+            _local.sampling = True  # zstd at the level the whole tensor will get, not a small one's
+            try:
+                plan = _best(_candidates(part, kind, itemsize, part_shape, coder, shared, rans))[2]
+            finally:
+                _local.sampling = False
+    found = _candidates(values, kind, itemsize, shape, coder, shared, rans, plan)
+    if plan is not None and plan[0] == "planes" and all(c[2][0] != "planes" for c in found):
+        found = _candidates(values, kind, itemsize, shape, coder, shared, rans)  # the layout does not apply
+    stream, choice, _ = _best(found)
+    return stream, choice
+
+
+def _best(candidates):
+    return min(candidates, key=lambda c: weighed(XZ if c[1] == "xz" else RAW, len(c[0])))
+
+
+def sample(values: np.ndarray, shape: tuple[int, ...], itemsize: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Evenly spaced runs of whole leading slices (so rows keep their length), about SAMPLE_BYTES."""
+    n = values.size
+    lead = shape[0] if len(shape) >= 2 and shape[0] > 0 and n % shape[0] == 0 else n
+    per = n // lead
+    if per * itemsize > SAMPLE_BYTES:  # slices too large to take whole: runs of the flat values
+        lead, per, shape = n, 1, (n,)
+    take = max(1, SAMPLE_BYTES // (per * itemsize))
+    if take >= lead:
+        return values, shape
+    pieces = min(SAMPLE_PIECES, take)
+    run = take // pieces
+    starts = np.linspace(0, lead - run, pieces).astype(np.int64)
+    rows = (starts[:, None] + np.arange(run)[None, :]).ravel()
+    sample = values.reshape(lead, per)[rows].reshape(-1)
+    return sample, (len(rows),) + tuple(shape[1:]) if len(shape) >= 2 else (sample.size,)
+
+
+def _candidates(values, kind, itemsize, shape, coder, shared, rans, plan=None) -> list[tuple[bytes, str, tuple]]:
+    """(stream, choice, plan) of every coding tried; with a plan, only the one it names (and raw)."""
     raw = values.tobytes()
-    candidates: list[tuple[bytes, str]] = []
+    whole = plan is None or plan[0] == "whole"
+    candidates: list[tuple[bytes, str, tuple]] = []
     if coder in ("raw", "auto") or not raw:
-        candidates.append((bytes([0, RAW]) + raw, "raw"))
-    if coder in ("zstd", "auto") and raw:
-        candidates.append((bytes([0, ZSTD]) + zstd_compress(raw), "zstd"))
-    if coder == "auto" and raw and len(raw) <= XZ_MAX:
-        candidates.append((bytes([0, XZ]) + xz_compress(raw), "xz"))  # weighed below
-    if coder == "auto" and raw and len(raw) <= BROTLI_MAX:
-        candidates.append((bytes([0, BROTLI]) + brotli_compress(raw), "brotli"))
-    if coder in PLANE_METHODS and raw:
+        candidates.append((bytes([0, RAW]) + raw, "raw", ("whole", RAW)))
+    if coder in ("zstd", "auto") and raw and (plan is None or plan == ("whole", ZSTD)):
+        candidates.append((bytes([0, ZSTD]) + zstd_compress(raw), "zstd", ("whole", ZSTD)))
+    if coder == "auto" and raw and len(raw) <= XZ_MAX and whole:
+        candidates.append((bytes([0, XZ]) + xz_compress(raw), "xz", ("whole", XZ)))  # weighed below
+    if coder == "auto" and raw and len(raw) <= BROTLI_MAX and whole:
+        candidates.append((bytes([0, BROTLI]) + brotli_compress(raw), "brotli", ("whole", BROTLI)))
+    if coder in PLANE_METHODS and raw and (plan is None or plan[0] == "planes"):
         methods = PLANE_METHODS[coder] if rans else tuple(m for m in PLANE_METHODS[coder] if m not in RANS_METHODS)
-        for v in P.variants(values, kind, itemsize, shape):
+        for v in P.variants(values, kind, itemsize, shape, only=None if plan is None else plan[1:3]):
+
+            def allowed(i):  # the plan's method for this plane, with constant and raw as fallbacks
+                return methods if plan is None else tuple(m for m in methods if m in (CONST, RAW, plan[3][i]))
+
             w = Writer()
             w.u8(1)
             w.u8(v.axis)
             w.varint(v.rows)
             w.u8(int(v.sparse))
             chosen = []
+            def code_plane(plane, lengths, tables):
+                i = len(chosen)
+                m, payload = encode_plane(plane, lengths, allowed(i), tables)
+                if plan is not None and m == RAW and plan[3][i] != RAW:  # the plan's method does not fit
+                    m, payload = encode_plane(plane, lengths, methods, tables)  # the whole plane (e.g. a
+                chosen.append(m)                                           # symbol the shared tables lack)
+                w.u8(m)
+                w.blob(payload)
+
             if v.sparse:
                 w.varint(v.nnz)
-                m, payload = encode_plane(v.mask, np.array([v.mask.size]), methods, None)
-                w.u8(m)
-                w.blob(payload)
+                code_plane(v.mask, np.array([v.mask.size]), None)
             for plane in v.planes:
-                m, payload = encode_plane(plane, v.lengths, methods, shared)
-                chosen.append(m)
-                w.u8(m)
-                w.blob(payload)
-            candidates.append((w.getvalue(), describe(1, chosen, v.sparse)))
-    return min(candidates, key=lambda c: weighed(XZ if c[1] == "xz" else RAW, len(c[0])))
+                code_plane(plane, v.lengths, shared)
+            shown = chosen[1:] if v.sparse else chosen
+            candidates.append((w.getvalue(), describe(1, shown, v.sparse), ("planes", v.axis, v.sparse, tuple(chosen))))
+    return candidates
 
 
 def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared: np.ndarray,
