@@ -200,6 +200,14 @@ def _fold_batchnorm(graph, bn: gs.Node, consumers, opset) -> bool:
     return True
 
 
+def _take_output(keeper: gs.Node, follower: gs.Node) -> None:
+    """`keeper` now writes `follower`'s output; `follower` is left empty, for cleanup."""
+    out = follower.outputs[0]
+    follower.inputs.clear()
+    follower.outputs.clear()
+    keeper.outputs[0] = out
+
+
 def _absorb(graph, conv: gs.Node, follower: gs.Node, bias: np.ndarray) -> None:
     """Give `conv` the new bias and `follower`'s output; `follower` is left empty for cleanup."""
     bias_const = _new_const(graph, (conv.name or conv.op) + "_bias", bias)
@@ -209,10 +217,7 @@ def _absorb(graph, conv: gs.Node, follower: gs.Node, bias: np.ndarray) -> None:
         while len(conv.inputs) > 2:  # an empty optional bias name
             conv.inputs.pop()
         conv.inputs.append(bias_const)
-    out = follower.outputs[0]
-    follower.inputs.clear()
-    follower.outputs.clear()
-    conv.outputs[0] = out
+    _take_output(conv, follower)
 
 
 def _fold_into_conv(graph, node: gs.Node, consumers, opset) -> bool:
@@ -264,10 +269,7 @@ def _merge_constant_chain(graph, second: gs.Node, consumers, opset) -> bool:
         c1_index, c1 = known[0]
         merged = c1 * c2 if second.op == "Mul" else c1 + c2
         first.inputs[c1_index] = _new_const(graph, f"{second.op.lower()}_merged", merged.astype(c2.dtype))
-        out = second.outputs[0]
-        second.inputs.clear()
-        second.outputs.clear()
-        first.outputs[0] = out
+        _take_output(first, second)
         return True
     return False
 
@@ -286,13 +288,10 @@ def _matmul_add_to_gemm(graph, add: gs.Node, consumers, facts, opset) -> bool:
         out_shape = (a_shape[0], b.shape[1])
         if c.ndim > 2 or not _broadcast_keeps(c.shape, out_shape):
             continue
-        out = add.outputs[0]
-        add.inputs.clear()
-        add.outputs.clear()
         mm.op = "Gemm"
         mm.attrs = {"alpha": 1.0, "beta": 1.0} | ({"broadcast": 1} if opset < 7 else {})
         mm.inputs.append(c_tensor)
-        mm.outputs[0] = out
+        _take_output(mm, add)
         return True
     return False
 
@@ -349,10 +348,7 @@ def _fold_into_batchnorm(graph, node: gs.Node, consumers, facts) -> bool:
         else:
             new_bias = bias + k
         bn.inputs[2] = _new_const(graph, bn.inputs[2].name + "_shifted", new_bias.astype(bias.dtype))
-        out = node.outputs[0]
-        node.inputs.clear()
-        node.outputs.clear()
-        bn.outputs[0] = out
+        _take_output(bn, node)
         return True
     return False
 
