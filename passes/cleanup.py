@@ -5,6 +5,7 @@ Rewrites (every one leaves outputs bit-identical)
     Dropout(x) in inference, mask unused         -> x
     Cast(x, to=type(x)), CastLike(x, like x)     -> x
     Reshape(x, s) where s resolves to shape(x)   -> x
+    Reshape(x, Concat(Shape(x)[i:i+1] at i, consts)) -> Reshape(x, [.., 0 at i, ..])  (shape_rules.py)
     Expand(x, s) where broadcast(shape(x), s) == shape(x) -> x
     Transpose(x, perm=identity), Concat(x)       -> x
     Pad(x, pads=0...), Slice(x) over the full range  -> x   (start 0, end >= 2**62: any size)
@@ -37,6 +38,7 @@ from onnxcomp import subgraph_fold as sf
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.model import peek_values
 from onnxcomp.registry import register
+from onnxcomp.shape_rules import constant_reshape_targets
 from onnxcomp.subgraphs import scopes, unique_weight_names
 
 NOOP_CANDIDATES = {"Identity", "Dropout", "Cast", "CastLike", "Reshape", "Expand", "Transpose", "Pad", "Slice",
@@ -64,6 +66,8 @@ class Cleanup(Pass):
         counts_before = sf.node_counts(graph)
         if self.config.noops:
             self._remove_noops(model, stats)
+            stats["reshape_targets_made_constant"] = sum(constant_reshape_targets(s.graph, model.opset)
+                                                         for s in scopes(graph))
         if self.config.merge_duplicates:
             if counts_before[1]:
                 stats["weights_renamed"] = unique_weight_names(graph)  # merging must not bring two names together

@@ -166,3 +166,40 @@ def test_cleanup_keeps_a_slice_of_unknown_size_that_may_cut():
         y = Neg(t)
     }''')
     assert "Slice" in ops(model) and not result.stats.get("removed_Slice")
+
+
+@pytest.mark.parametrize("chain", [
+    "d = Slice(s, zero, one)",                                               # Shape(x)[0:1]
+    "s32 = Cast<to = 6>(s)\n d32 = Slice(s32, zero, one)\n d = Cast<to = 7>(d32)",  # Paddle's int32 detour
+])
+def test_cleanup_makes_a_keep_the_batch_reshape_target_constant(chain):
+    proto, model, result = cleanup(f'''g (float[N,3,2,2] x) => (float[N,12] y)
+        <int64[1] zero = {{0}}, int64[1] one = {{1}}, int64[1] rest = {{12}}> {{
+        s = Shape(x)
+        {chain}
+        t = Concat<axis = 0>(d, rest)
+        y = Reshape(x, t)
+    }}''')
+    assert result.stats["reshape_targets_made_constant"] == 1 and ops(model) == ["Reshape"]
+    assert gu_constant(model.graph.nodes[0].inputs[1]).tolist() == [0, 12]
+    x = np.arange(5 * 12, dtype=np.float32).reshape(5, 3, 2, 2)
+    assert same_outputs(proto, model.to_proto(), {"x": x})
+
+
+def test_cleanup_keeps_a_reshape_target_built_from_another_tensors_shape_or_another_position():
+    _, model, result = cleanup('''g (float[N,3,2,2] x, float[M,12] z) => (float[N,12] y, float[N,3,4] w)
+        <int64[1] zero = {0}, int64[1] one = {1}, int64[1] rest = {12}, int64[2] tail = {3, 4}> {
+        sz = Shape(z)
+        dz = Slice(sz, zero, one)
+        t = Concat<axis = 0>(dz, rest)
+        y = Reshape(x, t)
+        sx = Shape(x)
+        dx = Slice(sx, zero, one)
+        u = Concat<axis = 0>(tail, dx)
+        w = Reshape(x, u)
+    }''')
+    assert not result.stats.get("reshape_targets_made_constant") and ops(model).count("Shape") == 2
+
+
+def gu_constant(tensor):
+    return np.asarray(tensor.values)
