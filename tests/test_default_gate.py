@@ -180,3 +180,23 @@ def test_the_top1_check_counts_every_flipped_class_decision_on_a_real_classifier
     verdict = checker.check(_softmax_mnist(mnist_path, shifted))
     assert not verdict.passed and "top-1 classes agree" in verdict.reason
     assert verdict.figures["top1_agreement"] < 0.95
+
+
+def test_the_cosine_must_hold_at_its_95_percent_lower_bound_over_the_samples(mnist_path, mnist_calibration):
+    """One sample far off among eight can leave the pooled cosine above 0.99: the jackknife lower
+    bound over samples sees the spread; agreement spread evenly keeps a tight bound."""
+    from onnxcomp.gate import cosine_lower_bound
+
+    _, feeds = mnist_calibration
+    session = make_session(str(mnist_path))
+    ref = [next(iter(run(session, f).values())).astype(np.float64) for f in feeds[:8]]
+    rng = np.random.default_rng(0)
+    even = [r + 0.02 * np.abs(r).mean() * rng.standard_normal(r.shape) for r in ref]
+    one_off = [r.copy() for r in ref]
+    loud = int(np.argmax([np.linalg.norm(r) for r in ref]))
+    one_off[loud] = ref[loud] + 0.25 * np.linalg.norm(ref[loud]) * rng.standard_normal(ref[loud].shape) / 3
+    for cand, low_passes in ((even, True), (one_off, False)):
+        cosine = compare_arrays("y", ref, cand, Tolerance(atol=float("inf"))).cosine
+        low = cosine_lower_bound(ref, cand, cosine)
+        assert cosine >= 0.99 and low <= cosine
+        assert (low >= 0.99) is low_passes, (cosine, low)
