@@ -90,6 +90,12 @@ def row_index(lengths: np.ndarray) -> np.ndarray:
 def row_hists(plane: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """(R, 256) symbol counts of each row."""
     r = len(lengths)
+    if plane.size >= COMPILED_MIN:
+        from onnxcomp.coding import kernels  # numba: the encoder only
+
+        out = np.zeros((r, 256), np.int64)
+        kernels.row_hists(np.ascontiguousarray(plane), np.asarray(lengths, np.int64), out)
+        return out
     keys = row_index(lengths) * 256 + plane.astype(np.int64)
     return np.bincount(keys, minlength=r * 256).reshape(r, 256)
 
@@ -107,9 +113,18 @@ class Variant:
     nnz: int = 0
 
 
+COMPILED_MIN = 1 << 16  # values from which the encoder's compiled layout helpers pay for themselves
+
+
 def order(values: np.ndarray, axis: int, rows: int) -> np.ndarray:
     """Values in coding order: natural, or the transpose of (n/rows, rows)."""
-    return values if axis == 0 else values.reshape(-1, rows).T.ravel()
+    if axis == 0:
+        return values
+    if values.size >= COMPILED_MIN:
+        from onnxcomp.coding import kernels  # numba: the encoder only
+
+        return kernels.transposed(values, rows)
+    return values.reshape(-1, rows).T.ravel()
 
 
 def unorder(values: np.ndarray, axis: int, rows: int) -> np.ndarray:
