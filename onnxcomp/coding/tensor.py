@@ -167,12 +167,12 @@ def encode_plane(plane: np.ndarray, lengths: np.ndarray, methods, shared: np.nda
     hist = np.bincount(plane, minlength=256)
     if CONST in methods and np.count_nonzero(hist) == 1:
         return CONST, bytes([int(plane[0])])
-    best = (RAW, plane.tobytes())
+    best: tuple[int, bytes | None] = (RAW, None)  # raw: n bytes, copied only if it stays the best
     own = models.quantize_counts(hist)
 
     def offer(method, payload):
         nonlocal best
-        if weighed(method, len(payload)) < weighed(*best[0:1], len(best[1])):
+        if weighed(method, len(payload)) < weighed(best[0], n if best[1] is None else len(best[1])):
             best = (method, payload)
 
     if FRANS in methods and models.entropy_bits(hist) / 8 < n:
@@ -193,10 +193,10 @@ def encode_plane(plane: np.ndarray, lengths: np.ndarray, methods, shared: np.nda
         models.write_table(w, own)
         offer(HUFF, w.getvalue() + models.huffman_encode(plane, own))
     if ZSTD in methods:
-        offer(ZSTD, zstd_compress(plane.tobytes()))
+        offer(ZSTD, zstd_compress(np.ascontiguousarray(plane)))
     if XZ in methods and n <= XZ_MAX:
         offer(XZ, xz_compress(plane.tobytes()))
-    return best
+    return best if best[1] is not None else (RAW, plane.tobytes())
 
 
 def decode_plane(method: int, payload: memoryview, n: int, lengths: np.ndarray, shared: np.ndarray,
@@ -274,7 +274,20 @@ def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
     if plan is not None and plan[0] == "planes" and all(c[2][0] != "planes" for c in found):
         found = _candidates(values, kind, itemsize, shape, coder, shared, rans)  # the layout does not apply
     stream, choice, _ = _best(found)
-    return stream, choice
+    return (stream.materialize() if isinstance(stream, RawStream) else stream), choice
+
+
+class RawStream:
+    """The raw candidate, whose copy of every byte is made only if it is the one chosen."""
+
+    def __init__(self, raw: np.ndarray):
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return 2 + self.raw.size
+
+    def materialize(self) -> bytes:
+        return bytes([0, RAW]) + self.raw.tobytes()
 
 
 def _best(candidates):
@@ -301,18 +314,18 @@ def sample(values: np.ndarray, shape: tuple[int, ...], itemsize: int) -> tuple[n
 
 def _candidates(values, kind, itemsize, shape, coder, shared, rans, plan=None) -> list[tuple[bytes, str, tuple]]:
     """(stream, choice, plan) of every coding tried; with a plan, only the one it names (and raw)."""
-    raw = values.tobytes()
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)  # the element bytes, not copied
     whole = plan is None or plan[0] == "whole"
-    candidates: list[tuple[bytes, str, tuple]] = []
-    if coder in ("raw", "auto") or not raw:
-        candidates.append((bytes([0, RAW]) + raw, "raw", ("whole", RAW)))
-    if coder in ("zstd", "auto") and raw and (plan is None or plan == ("whole", ZSTD)):
+    candidates: list[tuple[bytes | RawStream, str, tuple]] = []
+    if coder in ("raw", "auto") or not raw.size:
+        candidates.append((RawStream(raw), "raw", ("whole", RAW)))
+    if coder in ("zstd", "auto") and raw.size and (plan is None or plan == ("whole", ZSTD)):
         candidates.append((bytes([0, ZSTD]) + zstd_compress(raw), "zstd", ("whole", ZSTD)))
-    if coder == "auto" and raw and len(raw) <= XZ_MAX and whole:
-        candidates.append((bytes([0, XZ]) + xz_compress(raw), "xz", ("whole", XZ)))  # weighed below
-    if coder == "auto" and raw and len(raw) <= BROTLI_MAX and whole:
-        candidates.append((bytes([0, BROTLI]) + brotli_compress(raw), "brotli", ("whole", BROTLI)))
-    if coder in PLANE_METHODS and raw and (plan is None or plan[0] == "planes"):
+    if coder == "auto" and raw.size and raw.size <= XZ_MAX and whole:
+        candidates.append((bytes([0, XZ]) + xz_compress(raw.tobytes()), "xz", ("whole", XZ)))  # weighed below
+    if coder == "auto" and raw.size and raw.size <= BROTLI_MAX and whole:
+        candidates.append((bytes([0, BROTLI]) + brotli_compress(raw.tobytes()), "brotli", ("whole", BROTLI)))
+    if coder in PLANE_METHODS and raw.size and (plan is None or plan[0] == "planes"):
         methods = PLANE_METHODS[coder] if rans else tuple(m for m in PLANE_METHODS[coder] if m not in RANS_METHODS)
         for v in P.variants(values, kind, itemsize, shape, only=None if plan is None else plan[1:3]):
 
