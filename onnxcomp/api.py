@@ -67,7 +67,9 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
             raise InputError("optimizing a torch module needs example_inputs")
         model_or_path = export(model_or_path, example_inputs).model
     source = load(model_or_path)
-    check_model(source)  # passes assume a well-formed graph; refuse one that is not, naming why
+    graph_only = source.to_proto(weights=False)  # the graph, weights left out: read twice below
+    specs = input_specs(graph_only)
+    check_model(source, graph_only)  # passes assume a well-formed graph; refuse one that is not, naming why
     from onnxcomp.repair import describe_nonfinite, nonfinite_initializers
 
     warnings = list(source.load_notes) + [w for w in [describe_nonfinite(nonfinite_initializers(source))] if w]
@@ -77,7 +79,6 @@ def optimize(model_or_path, spec_or_pipeline: str | Pipeline | Sequence[Pass],
     if verify_each:
         pipeline.verify_each = True
     pipeline.on_failure = on_failure
-    specs = input_specs(source)
 
     def data(where):
         found = CalibrationData.from_source(where, preprocess, [s.name for s in specs], specs=specs)
@@ -189,7 +190,7 @@ def inspect(model_or_path) -> dict[str, Any]:
     return info
 
 
-def check_model(model: Model) -> None:
+def check_model(model: Model, graph_only: onnx.ModelProto | None = None) -> None:
     """onnx.checker on the model as onnxcomp exports it (sorted, so an unsorted input is fine);
     a failure is one InputError line. Skipped past 2 GB of weights: the checker needs the whole
     model in one protobuf message, and ORT's validation of the result still runs."""
@@ -198,7 +199,7 @@ def check_model(model: Model) -> None:
 
     if model.summary()["param_bytes"] > PROTOBUF_LIMIT:
         return
-    proto = _one_element_weights(model.to_proto(weights=False))
+    proto = _one_element_weights(graph_only if graph_only is not None else model.to_proto(weights=False))
     for info in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
         if info.type.HasField("tensor_type") and not info.type.tensor_type.HasField("shape"):
             # a tensor typed without any shape (older exporters write these; ORT runs them): the
