@@ -75,7 +75,7 @@ class Fuse(Pass):
         global _NAMES, _LOCAL, _RUNTIME
         _NAMES, _LOCAL, _RUNTIME = self._names, {id(n) for n in graph.nodes}, self._runtime
         opset = model.opset
-        consumers = gu.consumers_map(model.graph)  # readers in every graph (subgraphs read outer tensors)
+        consumers = _Consumers(model.graph)  # readers in every graph (subgraphs read outer tensors)
         for node in list(graph.nodes):
             if not gu.is_standard(node) or not node.outputs:
                 continue
@@ -104,7 +104,7 @@ class Fuse(Pass):
                 done = _merge_reshapes(graph, node) and "reshapes_merged"
             if done:
                 stats[done] += 1
-                consumers = gu.consumers_map(model.graph)
+                consumers.stale()
 
     def _facts_of(self, model, graph) -> dict | None:
         """Shape-inference facts of `graph`'s tensors, inferred once per run (no weights exported)."""
@@ -112,6 +112,22 @@ class Fuse(Pass):
             model.graph.cleanup(remove_unused_graph_inputs=False)  # drop emptied nodes before inference
             self._facts = sf.scoped_facts(model.to_proto(weights=False), model.graph)
         return self._facts.get(id(graph))
+
+
+class _Consumers:
+    """gu.consumers_map, rebuilt on first use after a rewrite: most nodes match no rule and never
+    ask, so a model with many fusions no longer rebuilds it once per fusion."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph, self.map = graph, None
+
+    def get(self, key: int, default=None):
+        if self.map is None:
+            self.map = gu.consumers_map(self.graph)
+        return self.map.get(key, default)
+
+    def stale(self) -> None:
+        self.map = None
 
 
 # Set for the graph being fused: model-wide unique names, the
