@@ -421,13 +421,14 @@ def export_hf_command(
     source: Path = typer.Argument(..., help="A local Hugging Face model folder (config.json and weights)."),
     output: Path = typer.Option(..., "-o", "--output", help="The .onnx file to write."),
     task: str = typer.Option("auto", "--task", help="auto, feature-extraction, sequence-classification or causal-lm."),
+    past: bool = typer.Option(False, "--past", help="causal-lm: past_key_values.N.key/value in, present.N.* out."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset to export at."),
 ):
     """Export a transformers model with Optimum's input/output names, verified against torch on ORT."""
     from onnxcomp.frontends.hf import export_hf
 
     with err.status(f"exporting {source}…"):
-        result = export_hf(source, output, task=task, opset=opset)
+        result = export_hf(source, output, task=task, past=past, opset=opset)
     out.print(f"wrote {output} (opset {result.model.opset}; inputs {', '.join(t.name for t in result.model.graph.inputs)}; "
               f"outputs {', '.join(t.name for t in result.model.graph.outputs)}; max abs error vs torch "
               f"{result.max_abs_error:.2e})", markup=False)

@@ -2,9 +2,12 @@
 weights) to ONNX with Optimum's input and output names, verified against the torch model on ORT.
 
 Encoders (BERT/MiniLM style): `feature-extraction` gives `last_hidden_state`,
-`sequence-classification` gives `logits`. Decoders (GPT-2/Llama style): `causal-lm` gives `logits`
-for the whole sequence, without a KV cache. The inputs are `input_ids`, `attention_mask` and, where
-the model takes them, `token_type_ids`, with dynamic `batch_size` and `sequence_length` axes.
+`sequence-classification` gives `logits`. Decoders (GPT-2/Llama style): `causal-lm` gives `logits`;
+with `past=True` the model also takes `past_key_values.N.key/value` ([batch, heads,
+past_sequence_length, head size]) and returns `present.N.key/value`, and one model serves every
+step: the first with a past of length 0, then each next token with the presents fed back. The
+inputs are `input_ids`, `attention_mask` (over past and new tokens) and, where the model takes
+them, `token_type_ids`, with dynamic `batch_size`, `sequence_length` and `past_sequence_length`.
 
 `optimum`/`optimum-onnx` would be the ecosystem's exporter, but it needs transformers < 4.58
 and this project runs transformers 5, so export goes through onnxcomp.torch_export (torch.onnx,
@@ -59,8 +62,8 @@ def _load(source: Any, task: str):
     return model.eval(), task
 
 
-def export_hf(source: Any, path: str | Path | None = None, *, task: str = "auto", batch: int = 2,
-              sequence: int = 8, opset: int = 17, atol: float = 1e-4):
+def export_hf(source: Any, path: str | Path | None = None, *, task: str = "auto", past: bool = False,
+              batch: int = 2, sequence: int = 8, opset: int = 17, atol: float = 1e-4):
     """Export a transformers model; returns torch_export's ExportResult (model, exporter, error)."""
     import torch
 
@@ -69,6 +72,10 @@ def export_hf(source: Any, path: str | Path | None = None, *, task: str = "auto"
     if task not in TASKS:
         raise InputError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     model, task = _load(source, task)
+    if past:
+        if task != "causal-lm":
+            raise InputError(f"past key/values are for causal-lm decoders, not {task}")
+        return _export_with_past(model, path, batch, sequence, opset, atol)
     config = model.config
     names = ["input_ids", "attention_mask"]
     takes_types = bool(getattr(config, "type_vocab_size", 0)) and \
@@ -100,3 +107,70 @@ def export_hf(source: Any, path: str | Path | None = None, *, task: str = "auto"
     with torch.no_grad():
         return export(Wrapped(model), tuple(args), path, dynamic_axes=axes, input_names=names,
                       output_names=[output], opset=opset, exporter="torchscript", atol=atol)
+
+
+def _export_with_past(model, path, batch: int, sequence: int, opset: int, atol: float):
+    """The decoder with its KV cache as tensors in and out (Optimum's names). The cache is rebuilt
+    from the tensors inside the traced forward; positions come from the attention mask, so every
+    past length (0 included) runs the same graph. Checked on ORT at several batch, past and new
+    lengths beside torch_export's own check."""
+    import torch
+    from transformers import DynamicCache
+
+    from onnxcomp.torch_export import ExportError, export
+
+    config = model.config
+    with torch.no_grad():  # the cache layout (layers, heads, head size) as this model makes it
+        probe = model(input_ids=torch.zeros(1, 2, dtype=torch.int64), use_cache=True).past_key_values
+    layers = len(probe.layers)
+    heads, head_size = probe.layers[0].keys.shape[1], probe.layers[0].keys.shape[3]
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    names = ["input_ids", "attention_mask"] + past_names
+    outputs = ["logits"] + present_names
+
+    class WithPast(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, *cache_in):
+            cache = DynamicCache(ddp_cache_data=[(cache_in[2 * i], cache_in[2 * i + 1]) for i in range(layers)],
+                                 config=config)
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             position_ids=positions, use_cache=True)
+            return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+    def example(b: int, p: int, s: int, seed: int) -> tuple:
+        generator = torch.Generator().manual_seed(seed)
+        cache = [torch.randn(b, heads, p, head_size, generator=generator) for _ in past_names]
+        ids = torch.randint(0, min(config.vocab_size, 1000), (b, s), generator=generator)
+        return (ids, torch.ones(b, p + s, dtype=torch.int64), *cache)
+
+    wrapped = WithPast(model).eval()
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes |= {n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names}
+    axes |= {n: {0: "batch_size", 2: "past_sequence_length + sequence_length"} for n in present_names}
+    with torch.no_grad():
+        result = export(wrapped, example(batch, 3, sequence, 0), None, dynamic_axes=axes, input_names=names,
+                        output_names=outputs, opset=opset, exporter="torchscript", atol=atol)
+        from onnxcomp.runtime import make_session, run
+
+        session = make_session(result.model, "cpu")
+        for b, p, s in ((1, 0, sequence), (batch + 1, 0, 1), (1, 2 * sequence + 1, 1)):  # first step, next steps
+            args = example(b, p, s, b * 100 + p)
+            expected = [t.numpy() for t in wrapped(*args)]
+            got = run(session, dict(zip(names, (a.numpy() for a in args))))
+            error = max(float(abs(got[n] - e).max()) for n, e in zip(outputs, expected))
+            if not error <= atol:
+                raise ExportError(f"the export with past disagrees with torch at batch {b}, past {p}, new {s}: "
+                                  f"max abs error {error:.3g}")
+            result.max_abs_error = max(result.max_abs_error, error)
+    if path is not None:
+        from onnxcomp.model import save
+
+        save(result.model, path)
+    return result
