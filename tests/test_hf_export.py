@@ -82,6 +82,22 @@ def _greedy_with_cache(session, prompt: list[int], steps: int, layers: int, head
     return tokens
 
 
+def _decoding_steps(fp32, seed: int, count: int = 16) -> list[dict]:
+    """Real decoding steps as calibration samples: prompts with an empty past, and single next
+    tokens with the fp32 model's presents as their past (every other sample)."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for i in range(count):
+        prompt = rng.integers(0, 512, (1, 4)).astype(np.int64)
+        past = {f"past_key_values.{j}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for j in range(2) for kv in ("key", "value")}
+        first = {"input_ids": prompt, "attention_mask": np.ones((1, 4), np.int64), **past}
+        out = run(fp32, first)
+        nxt = np.array([[int(out["logits"][0, -1].argmax())]], np.int64)
+        feeds.append(first if i % 2 else {"input_ids": nxt, "attention_mask": np.ones((1, 5), np.int64),
+                                          **{n: out[n.replace("past_key_values", "present")] for n in past}})
+    return feeds
+
+
 @pytest.fixture(scope="module")
 def gpt2_with_past():
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=64)
@@ -112,16 +128,7 @@ def test_the_decoder_with_past_goes_through_the_dynamic_preset_under_the_default
 
     _, result = gpt2_with_past
     fp32 = make_session(result.model)
-    rng = np.random.default_rng(0)
-    feeds = []
-    for i in range(16):
-        prompt = rng.integers(0, 512, (1, 4)).astype(np.int64)
-        past = {f"past_key_values.{j}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for j in range(2) for kv in ("key", "value")}
-        first = {"input_ids": prompt, "attention_mask": np.ones((1, 4), np.int64), **past}
-        out = run(fp32, first)
-        nxt = np.array([[int(out["logits"][0, -1].argmax())]], np.int64)
-        feeds.append(first if i % 2 else {"input_ids": nxt, "attention_mask": np.ones((1, 5), np.int64),
-                                          **{n: out[n.replace("past_key_values", "present")] for n in past}})
+    feeds = _decoding_steps(fp32, seed=0)
     done = onnxcomp.optimize(result.model, preset_spec("dynamic"), calibration=feeds)
     gate = done.report.gate
     assert gate["passed"] and any(not p.lossless and p.changed for p in done.report.passes)
@@ -137,12 +144,7 @@ def test_the_decoder_with_past_goes_through_4_bit_weights_under_the_default_gate
 
     _, result = gpt2_with_past
     fp32 = make_session(result.model)
-    rng = np.random.default_rng(1)
-    feeds = []
-    for _ in range(16):
-        prompt = rng.integers(0, 512, (1, 6)).astype(np.int64)
-        past = {f"past_key_values.{j}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for j in range(2) for kv in ("key", "value")}
-        feeds.append({"input_ids": prompt, "attention_mask": np.ones((1, 6), np.int64), **past})
+    feeds = _decoding_steps(fp32, seed=1)
     done = onnxcomp.optimize(result.model, "fold, cleanup, fuse, quantize_dynamic(mode=weight_only, bits=4)",
                              calibration=feeds)
     assert done.report.gate["passed"]
