@@ -12,8 +12,9 @@ minority decisions (p > 0.5 where that is rare, else p <= 0.5) on the elements t
 sure of (p <= 0.35 or p >= 0.65), per channel, pooled, >= 0.95. The cosine alone is no gate for a score
 map: a face detector that found no face kept a score cosine of 0.9993. On outputs that are class
 distributions (a last axis of 2 or more values in [0, 1] that sum to 1: softmax classes, CTC frames,
-anchor classes) the top-1 class must also agree on >= 0.95 of the rows, every row counted, sure or
-not: a text-angle classifier whose pooled cosine on 8 held-out samples was 0.997 had flipped one of
+anchor classes) and on outputs named `logits` (a classifier's or a decoder's scores, by the
+exporters' convention) the top-1 class must also agree on >= 0.95 of the rows, every row counted,
+sure or not: a text-angle classifier whose pooled cosine on 8 held-out samples was 0.997 had flipped one of
 them, and flipped 7 % of an independent set.
 
 Gate kinds: `max_drop` (task metric drop in percentage points — top-1 accuracy against labels by
@@ -223,7 +224,7 @@ class GateChecker:
                 agreement = score_agreement(ref, cand)
                 if agreement is not None:
                     figures_of["score_agreement"] = agreement
-                top1 = top1_agreement(ref, cand)
+                top1 = top1_agreement(ref, cand, name)
                 if top1 is not None:
                     figures_of["top1_agreement"] = top1
                 per_output[name] = figures_of
@@ -319,10 +320,18 @@ def is_class_distribution(values: list[np.ndarray]) -> bool:
     return True
 
 
-def top1_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:
+def is_logits(name: str, values: list[np.ndarray]) -> bool:
+    """Class scores before a softmax, by the exporters' name for them (`logits`: Hugging Face and
+    Optimum exports, a decoder's next-token scores): a float last axis of 2 or more."""
+    return (name.lower().rsplit("/", 1)[-1].endswith("logits") and bool(values) and values[0].dtype.kind == "f"
+            and values[0].ndim >= 2 and values[0].shape[-1] >= 2)
+
+
+def top1_agreement(reference: list[np.ndarray], candidate: list[np.ndarray], name: str = "") -> float | None:
     """Share of rows (samples x positions) whose top-1 class is the same; None when the output is
-    no class distribution."""
-    if not is_class_distribution(reference) or any(c.shape != r.shape for r, c in zip(reference, candidate)):
+    neither a class distribution nor named logits (a decoder's next token at every position)."""
+    if not (is_class_distribution(reference) or is_logits(name, reference)) or \
+            any(c.shape != r.shape for r, c in zip(reference, candidate)):
         return None
     same = total = 0
     for r, c in zip(reference, candidate):

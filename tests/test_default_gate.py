@@ -200,3 +200,15 @@ def test_the_cosine_must_hold_at_its_95_percent_lower_bound_over_the_samples(mni
         low = cosine_lower_bound(ref, cand, cosine)
         assert cosine >= 0.99 and low <= cosine
         assert (low >= 0.99) is low_passes, (cosine, low)
+
+
+def test_outputs_named_logits_get_the_top1_check_and_other_raw_scores_do_not():
+    from onnxcomp.gate import top1_agreement
+
+    rng = np.random.default_rng(2)
+    logits = [rng.standard_normal((1, 5, 50)).astype(np.float32) for _ in range(4)]  # a decoder's [b, seq, vocab]
+    moved = [x.copy() for x in logits]
+    moved[0][0, 0] = -moved[0][0, 0]  # the first position's next token changes
+    assert top1_agreement(logits, moved, "logits") == 19 / 20
+    assert top1_agreement(logits, moved, "model/output/logits") == 19 / 20
+    assert top1_agreement(logits, moved, "Plus214_Output_0") is None  # raw scores by another name: cosine only
