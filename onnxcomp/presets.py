@@ -11,6 +11,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "dynamic": ("fold, cleanup, fuse, quantize_dynamic",
                 "int8 weights, activations quantized at run time for MatMul/Gemm (transformers); Conv weights "
                 "weight-only int8 (needs data for the gate: --calibration or --evaluation)"),
+    "int4": ("fold, cleanup, fuse, quantize_dynamic(mode=weight_only, bits=4)",
+             "4-bit weight-only MatMul/Gemm weights (ORT's MatMulNBits, blocks of 32), activations in float: "
+             "for transformer decoders (needs data for the gate: --calibration or --evaluation)"),
     "deep-compression": ("fold, cleanup, fuse, prune(sparsity=0.8, scope=global, saliency=hessian), "
                          "codebook(bits=4), entropy",
                          "Hessian pruning + 4-bit k-means codebooks + entropy coding (needs --calibration; "

@@ -156,3 +156,27 @@ def test_the_decoder_with_past_goes_through_4_bit_weights_under_the_default_gate
     matched = next((i for i, (a, b) in enumerate(zip(four_bit, reference)) if a != b), len(reference)) - 3
     print(f"\n4-bit decoder: greedy tokens match fp32 for {matched} of {steps} steps")
     assert matched >= 4  # random weights: logits are near-ties, so the count is reported, not all asserted
+
+
+@pytest.mark.parametrize("preset", ["dynamic", "int4"])
+def test_the_cli_exports_a_decoder_folder_with_past_and_compresses_it_under_the_gate(gpt2_with_past, tmp_path,
+                                                                                     preset):
+    """`onnxcomp export hf FOLDER --past`, then `optimize --preset P --calibration steps.npz` (one
+    decoding step per sample: `sample_N/NAME`); greedy decoding of the result follows fp32's."""
+    decoder, _ = gpt2_with_past
+    folder = tmp_path / "gpt2"
+    decoder.save_pretrained(folder)
+    exported = tmp_path / "decoder.onnx"
+    done = run_cli_here("export", "hf", folder, "-o", exported, "--past")
+    assert done.returncode == 0 and "present.0.key" in done.stdout, done.stderr
+    fp32 = make_session(str(exported))
+    steps_npz = tmp_path / "steps.npz"
+    np.savez(steps_npz, **{f"sample_{i}/{k}": v for i, feed in enumerate(_decoding_steps(fp32, seed=2))
+                           for k, v in feed.items()})
+    out = tmp_path / f"{preset}.onnx"
+    done = run_cli_here("optimize", exported, "-o", out, "--preset", preset, "--calibration", steps_npz)
+    assert done.returncode == 0 and "passed the gate" in done.stdout, done.stdout + done.stderr
+    assert "top-1 agree" in done.stdout  # the logits output gets the decision check
+    steps = 16
+    assert _greedy_with_cache(make_session(str(out)), [5, 9], steps, 2, 2, 32) == \
+        _greedy_with_cache(fp32, [5, 9], steps, 2, 2, 32)
