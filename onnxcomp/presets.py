@@ -14,6 +14,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "int4": ("fold, cleanup, fuse, quantize_dynamic(mode=weight_only, bits=4)",
              "4-bit weight-only MatMul/Gemm weights (ORT's MatMulNBits, blocks of 32), activations in float: "
              "for transformer decoders (needs data for the gate: --calibration or --evaluation)"),
+    "fp16": ("fold, cleanup, fuse, fp16",
+             "float16 weights and compute, float32 inputs/outputs, normalizations and softmax kept float32 "
+             "(for the CUDA EP; needs data for the gate)"),
     "deep-compression": ("fold, cleanup, fuse, prune(sparsity=0.8, scope=global, saliency=hessian), "
                          "codebook(bits=4), entropy",
                          "Hessian pruning + 4-bit k-means codebooks + entropy coding (needs --calibration; "
