@@ -84,11 +84,29 @@ class Fp16(Pass):
         halves: dict[tuple[int, int], gs.Constant] = {}
         stats: Counter = Counter()
         consumers = gu.consumers_map(graph)
-        # tensors made by float16 nodes are float16 from here on
         made_half = {id(t) for n in graph.nodes if id(n) in half for t in n.outputs if is_float(t)}
-        for tensor in [t for n in graph.nodes if id(n) in half for t in n.outputs if id(t) in made_half]:
-            tensor.dtype = np.float16
-        for node in list(graph.nodes):
+        own: set[int] = set()  # the Casts this pass adds
+        for out in list(graph.outputs):  # graph outputs stay float32 under their names: the float16
+            if id(out) not in made_half:  # value gets a new name, and a Cast writes the output
+                continue
+            inner = gs.Variable(names.unique(out.name + "_fp16"), shape=out.shape)
+            producer = out.inputs[0]
+            producer.outputs[producer.outputs.index(out)] = inner
+            for reader in consumers.get(id(out), []):  # readers inside the graph read the float16 value
+                for k, t in enumerate(list(reader.inputs)):
+                    if t is out:
+                        reader.inputs[k] = inner
+            graph.nodes.append(gs.Node("Cast", names.unique(out.name + "_to_fp32"), {"to": FLOAT},
+                                       inputs=[inner], outputs=[out]))
+            own.add(id(graph.nodes[-1]))
+            made_half.discard(id(out))
+            made_half.add(id(inner))
+            stats["casts"] += 1
+        for node in graph.nodes:  # tensors made by float16 nodes are float16 from here on
+            for tensor in node.outputs:
+                if id(tensor) in made_half:
+                    tensor.dtype = np.float16
+        for node in [n for n in graph.nodes if id(n) not in own]:
             schema = _schema(node, model.opset)
             for i, tensor in enumerate(node.inputs):
                 if not tensor.name or not is_float(tensor) and id(tensor) not in made_half or node.op in NEUTRAL:
@@ -103,17 +121,6 @@ class Fp16(Pass):
                     node.inputs[i] = halves[(id(tensor), FLOAT16)]
                     continue
                 node.inputs[i] = self._cast(graph, tensor, want, names, casts)
-        for j, out in enumerate(list(graph.outputs)):  # graph outputs stay float32, under their names
-            if id(out) in made_half:
-                inner = gs.Variable(names.unique(out.name + "_fp16"), dtype=np.float16, shape=out.shape)
-                producer = out.inputs[0]
-                producer.outputs[producer.outputs.index(out)] = inner
-                for reader in consumers.get(id(out), []):
-                    reader.inputs[reader.inputs.index(out)] = inner
-                out.dtype = np.float32
-                graph.nodes.append(gs.Node("Cast", names.unique(out.name + "_to_fp32"), {"to": FLOAT},
-                                           inputs=[inner], outputs=[out]))
-                stats["casts"] += 1
         stats["casts"] += len(casts)
         stats["nodes_fp16"] = len(half)
         stats["nodes_fp32"] = sum(1 for n in graph.nodes if id(n) not in half and n.op != "Cast")

@@ -96,3 +96,23 @@ def test_the_float16_ultraface_agrees_on_the_cuda_ep_too(ultraface_path):
                                providers="cpu,cuda")
     assert result.report.gate["passed"] and result.report.validation["passed"]
     assert any(p["provider"] == "cuda" and not p.get("skipped") for p in result.report.validation["providers"])
+
+
+def test_a_graph_output_also_read_inside_the_graph_stays_float32_and_its_readers_are_served():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),       # h: a graph output, read again below
+             helper.make_node("Relu", ["h"], ["r"]),             # float16 reader
+             helper.make_node("Softmax", ["h"], ["s"], axis=-1)]  # float32 reader (kept op)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 8]) for n in ("h", "r", "s")],
+                              [onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8))
+                                                            .astype(np.float32), "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    out = onnxcomp.optimize(proto, "fp16", gate=False).model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    assert [(o.name, o.type.tensor_type.elem_type) for o in out.graph.output] == \
+        [(n, TensorProto.FLOAT) for n in ("h", "r", "s")]
+    casts = [n for n in out.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 4  # x in, h out, h for Softmax, r out
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    got, want = run(make_session(out), {"x": x}), run(make_session(proto), {"x": x})
+    assert all(np.allclose(got[k], want[k], atol=2e-2) for k in want)
