@@ -44,7 +44,7 @@ def _load(source: Any, task: str):
         config = transformers.AutoConfig.from_pretrained(folder)
         if task == "auto":
             task = "causal-lm" if getattr(config, "is_decoder", False) or any(
-                a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or []) \
+                a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or []) \
                 else "sequence-classification" if any(a.endswith("ForSequenceClassification")
                                                       for a in config.architectures or []) else "feature-extraction"
         loader = {"feature-extraction": transformers.AutoModel,
