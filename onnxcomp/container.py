@@ -55,6 +55,7 @@ BUNDLE_MAX = 16 << 10            # tensors under this many bytes are coded in bu
 BUNDLE_CAP = 16 << 20            # ... of at most this many bytes each
 TABLES_CAP = 64 * (3 + 2 * 256) + 16  # the largest shared tables section (64 tables)
 SECTION_BROTLI_MAX = 1 << 20
+SLOW_CODERS_MAX = 64 << 20  # models up to this many tensor bytes also try xz/brotli on their small tensors
 RECODE_MAX = 8 << 20             # a model with up to this many tensor bytes is also coded without rANS...
 RANS_MARGIN = 0.005              # ... and packed so unless rANS saves more than this share of the file
 BUNDLE_ROW = 64                  # a bundle's rows (one symbol table each) hold this many elements
@@ -265,6 +266,10 @@ def _bundles(sizes: dict[int, tuple[int, tuple[str, int]]]) -> tuple[list[int], 
 CODING_THREADS = min(4, os.cpu_count() or 1)  # streams coded at once (each holds one tensor in memory)
 
 
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
 def _in_order(jobs: list, workers: int) -> Iterator:
     """Run the jobs on `workers` threads, at most `workers` ahead of the one being consumed, and
     yield their results in order (the streams are written in order; memory holds `workers` tensors)."""
@@ -302,7 +307,6 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
     if coder not in coding.CODERS:
         raise InputError(f"unknown coder {coder!r} (choose one of: {', '.join(coding.CODERS)})")
     t0 = time.perf_counter()
-    plain_bytes = proto.ByteSize() + sum(length for _, _, length in (external or {}).values())
     if owned:
         skeleton = proto
     else:
@@ -371,12 +375,13 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
     # bytes, and numba (about 0.5 s at a cold start) to decode it. On a small model the streams
     # that use rANS are also coded without the tables and without rANS, to weigh those costs.
     recode = coder == "auto" and sum(nbytes for nbytes, _ in sizes.values()) <= RECODE_MAX
+    slow = sum(nbytes for nbytes, _ in sizes.values()) <= SLOW_CODERS_MAX
     without_tables: dict[int, tuple[bytes, str]] = {}  # stream position -> (stream, choice)
     without_rans: dict[int, tuple[bytes, str]] = {}
     streams: list[_Stream] = []
     def code(values, kind, itemsize, shape, members, pad):
         """Code one stream (in a worker thread: the coders release the GIL) -> what record() keeps."""
-        stream, choice = coding.encode_tensor(values, kind, itemsize, shape, coder, shared)
+        stream, choice = coding.encode_tensor(values, kind, itemsize, shape, coder, shared, slow=slow)
         plain = coding.encode_tensor(values, kind, itemsize, shape, coder, rans=False) \
             if recode and "rans" in choice else None
         own = coding.encode_tensor(values, kind, itemsize, shape, coder) if recode and "rans*" in choice else None
@@ -413,6 +418,9 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
             tables_blob = no_tables
         encode_s = time.perf_counter() - t0
         skel_raw = skeleton.SerializeToString()
+        # the .onnx size: the skeleton plus each tensor's bytes and field header (serializing the
+        # whole model to measure it cost as much as coding its int8 weights); within a few bytes
+        plain_bytes = len(skel_raw) + sum(m.decoded + 1 + _varint_size(m.decoded) for s in streams for m in s.members)
         skel_method, skel = _compress_section(skel_raw)
         total = sum(m.decoded for s in streams for m in s.members)
         h = Writer()

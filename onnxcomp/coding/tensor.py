@@ -253,9 +253,10 @@ SAMPLE_PIECES = 8
 
 
 def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...], coder: str,
-           shared: np.ndarray | None = None, rans: bool = True) -> tuple[bytes, str]:
+           shared: np.ndarray | None = None, rans: bool = True, slow: bool = True) -> tuple[bytes, str]:
     """Code one tensor (values: 1-D unsigned view of the element bytes). Returns (stream, choice).
-    `rans=False`: no rANS plane, so decoding it needs no numba.
+    `rans=False`: no rANS plane, so decoding it needs no numba. `slow=False`: no xz or brotli
+    (they encode at ~1 MB/s; on a large model the bytes they save on its small tensors are noise).
 
     Every candidate coding (whole-tensor methods; each layout with each plane's methods) is tried;
     on a tensor over SAMPLE_MIN bytes they are tried on a sample of it, and the tensor is then coded
@@ -267,12 +268,12 @@ def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
         if part.size < values.size:
             _local.sampling = True  # zstd at the level the whole tensor will get, not a small one's
             try:
-                plan = _best(_candidates(part, kind, itemsize, part_shape, coder, shared, rans))[2]
+                plan = _best(_candidates(part, kind, itemsize, part_shape, coder, shared, rans, slow=slow))[2]
             finally:
                 _local.sampling = False
-    found = _candidates(values, kind, itemsize, shape, coder, shared, rans, plan)
+    found = _candidates(values, kind, itemsize, shape, coder, shared, rans, plan, slow)
     if plan is not None and plan[0] == "planes" and all(c[2][0] != "planes" for c in found):
-        found = _candidates(values, kind, itemsize, shape, coder, shared, rans)  # the layout does not apply
+        found = _candidates(values, kind, itemsize, shape, coder, shared, rans, slow=slow)  # the layout does not apply
     stream, choice, _ = _best(found)
     return (stream.materialize() if isinstance(stream, RawStream) else stream), choice
 
@@ -312,7 +313,8 @@ def sample(values: np.ndarray, shape: tuple[int, ...], itemsize: int) -> tuple[n
     return sample, (len(rows),) + tuple(shape[1:]) if len(shape) >= 2 else (sample.size,)
 
 
-def _candidates(values, kind, itemsize, shape, coder, shared, rans, plan=None) -> list[tuple[bytes, str, tuple]]:
+def _candidates(values, kind, itemsize, shape, coder, shared, rans, plan=None,
+                slow: bool = True) -> list[tuple[bytes, str, tuple]]:
     """(stream, choice, plan) of every coding tried; with a plan, only the one it names (and raw)."""
     raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)  # the element bytes, not copied
     whole = plan is None or plan[0] == "whole"
@@ -321,9 +323,9 @@ def _candidates(values, kind, itemsize, shape, coder, shared, rans, plan=None) -
         candidates.append((RawStream(raw), "raw", ("whole", RAW)))
     if coder in ("zstd", "auto") and raw.size and (plan is None or plan == ("whole", ZSTD)):
         candidates.append((bytes([0, ZSTD]) + zstd_compress(raw), "zstd", ("whole", ZSTD)))
-    if coder == "auto" and raw.size and raw.size <= XZ_MAX and whole:
+    if coder == "auto" and slow and raw.size and raw.size <= XZ_MAX and whole:
         candidates.append((bytes([0, XZ]) + xz_compress(raw.tobytes()), "xz", ("whole", XZ)))  # weighed below
-    if coder == "auto" and raw.size and raw.size <= BROTLI_MAX and whole:
+    if coder == "auto" and slow and raw.size and raw.size <= BROTLI_MAX and whole:
         candidates.append((bytes([0, BROTLI]) + brotli_compress(raw.tobytes()), "brotli", ("whole", BROTLI)))
     if coder in PLANE_METHODS and raw.size and (plan is None or plan[0] == "planes"):
         methods = PLANE_METHODS[coder] if rans else tuple(m for m in PLANE_METHODS[coder] if m not in RANS_METHODS)
