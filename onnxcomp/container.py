@@ -391,6 +391,9 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
         fid, values, kind, itemsize, unsigned, shape = prepared(index)
         return code(unsigned, kind, itemsize, shape, [member_of(index, fid, values, unsigned)], 0)
 
+    def code_bundle(indices):
+        return code(*bundled(indices))
+
     with tempfile.TemporaryFile() as spill:
         def record(stream, choice, plain, own, members, pad):
             if plain is not None:
@@ -401,7 +404,7 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
             streams.append(_Stream(members, pad, len(stream), zlib.crc32(stream), choice))
 
         jobs = [functools.partial(code_alone, index) for index in alone] + \
-            [functools.partial(lambda indices: code(*bundled(indices)), indices) for indices in bundles]
+            [functools.partial(code_bundle, indices) for indices in bundles]
         for result in _in_order(jobs, CODING_THREADS):
             record(*result)
         for stream in streams:

@@ -92,10 +92,11 @@ def brotli_decompress(data: bytes | memoryview, n: int, where: str, exact: bool 
     return out
 
 
-def zstd_compress(data: bytes) -> bytes:
+def zstd_compress(data: bytes, big: bool = False) -> bytes:
+    """`big`: the faster level whatever the size (a sample of a big tensor is judged as the tensor)."""
     import zstandard
 
-    level = 19 if len(data) <= ZSTD_BIG and not getattr(_local, "sampling", False) else 6
+    level = 19 if len(data) <= ZSTD_BIG and not big else 6
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
 
@@ -159,7 +160,7 @@ def _decode_ids(r: Reader, count: int, where: str) -> np.ndarray:
 
 
 def encode_plane(plane: np.ndarray, lengths: np.ndarray, methods, shared: np.ndarray | None,
-                 hists: np.ndarray | None = None) -> tuple[int, bytes]:
+                 hists: np.ndarray | None = None, big: bool = False) -> tuple[int, bytes]:
     from onnxcomp.coding import fastrans  # imports numba: only when a plane is coded
     n = plane.size
     if n == 0:
@@ -193,7 +194,7 @@ def encode_plane(plane: np.ndarray, lengths: np.ndarray, methods, shared: np.nda
         models.write_table(w, own)
         offer(HUFF, w.getvalue() + models.huffman_encode(plane, own))
     if ZSTD in methods:
-        offer(ZSTD, zstd_compress(np.ascontiguousarray(plane)))
+        offer(ZSTD, zstd_compress(np.ascontiguousarray(plane), big))
     if XZ in methods and n <= XZ_MAX:
         offer(XZ, xz_compress(plane.tobytes()))
     return best if best[1] is not None else (RAW, plane.tobytes())
@@ -265,12 +266,8 @@ def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
     plan = None
     if values.nbytes > SAMPLE_MIN:
         part, part_shape = sample(values, shape, itemsize)
-        if part.size < values.size:
-            _local.sampling = True  # zstd at the level the whole tensor will get, not a small one's
-            try:
-                plan = _best(_candidates(part, kind, itemsize, part_shape, coder, shared, rans, slow=slow))[2]
-            finally:
-                _local.sampling = False
+        if part.size < values.size:  # (zstd at the level the whole tensor will get, not a small one's)
+            plan = _best(_candidates(part, kind, itemsize, part_shape, coder, shared, rans, slow=slow, big=True))[2]
     found = _candidates(values, kind, itemsize, shape, coder, shared, rans, plan, slow)
     if plan is not None and plan[0] == "planes" and all(c[2][0] != "planes" for c in found):
         found = _candidates(values, kind, itemsize, shape, coder, shared, rans, slow=slow)  # the layout does not apply
@@ -313,8 +310,8 @@ def sample(values: np.ndarray, shape: tuple[int, ...], itemsize: int) -> tuple[n
     return sample, (len(rows),) + tuple(shape[1:]) if len(shape) >= 2 else (sample.size,)
 
 
-def _candidates(values, kind, itemsize, shape, coder, shared, rans, plan=None,
-                slow: bool = True) -> list[tuple[bytes, str, tuple]]:
+def _candidates(values, kind, itemsize, shape, coder, shared, rans, plan=None, slow: bool = True,
+                big: bool = False) -> list[tuple[bytes, str, tuple]]:
     """(stream, choice, plan) of every coding tried; with a plan, only the one it names (and raw)."""
     raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)  # the element bytes, not copied
     whole = plan is None or plan[0] == "whole"
@@ -322,7 +319,7 @@ def _candidates(values, kind, itemsize, shape, coder, shared, rans, plan=None,
     if coder in ("raw", "auto") or not raw.size:
         candidates.append((RawStream(raw), "raw", ("whole", RAW)))
     if coder in ("zstd", "auto") and raw.size and (plan is None or plan == ("whole", ZSTD)):
-        candidates.append((bytes([0, ZSTD]) + zstd_compress(raw), "zstd", ("whole", ZSTD)))
+        candidates.append((bytes([0, ZSTD]) + zstd_compress(raw, big), "zstd", ("whole", ZSTD)))
     if coder == "auto" and slow and raw.size and raw.size <= XZ_MAX and whole:
         candidates.append((bytes([0, XZ]) + xz_compress(raw.tobytes()), "xz", ("whole", XZ)))  # weighed below
     if coder == "auto" and slow and raw.size and raw.size <= BROTLI_MAX and whole:
@@ -330,33 +327,35 @@ def _candidates(values, kind, itemsize, shape, coder, shared, rans, plan=None,
     if coder in PLANE_METHODS and raw.size and (plan is None or plan[0] == "planes"):
         methods = PLANE_METHODS[coder] if rans else tuple(m for m in PLANE_METHODS[coder] if m not in RANS_METHODS)
         for v in P.variants(values, kind, itemsize, shape, only=None if plan is None else plan[1:3]):
-
-            def allowed(i):  # the plan's method for this plane, with constant and raw as fallbacks
-                return methods if plan is None else tuple(m for m in methods if m in (CONST, RAW, plan[3][i]))
-
-            w = Writer()
-            w.u8(1)
-            w.u8(v.axis)
-            w.varint(v.rows)
-            w.u8(int(v.sparse))
-            chosen = []
-            def code_plane(plane, lengths, tables):
-                i = len(chosen)
-                m, payload = encode_plane(plane, lengths, allowed(i), tables)
-                if plan is not None and m == RAW and plan[3][i] != RAW:  # the plan's method does not fit
-                    m, payload = encode_plane(plane, lengths, methods, tables)  # the whole plane (e.g. a
-                chosen.append(m)                                           # symbol the shared tables lack)
-                w.u8(m)
-                w.blob(payload)
-
-            if v.sparse:
-                w.varint(v.nnz)
-                code_plane(v.mask, np.array([v.mask.size]), None)
-            for plane in v.planes:
-                code_plane(plane, v.lengths, shared)
+            stream, chosen = _code_variant(v, methods, None if plan is None else plan[3], shared, big)
             shown = chosen[1:] if v.sparse else chosen
-            candidates.append((w.getvalue(), describe(1, shown, v.sparse), ("planes", v.axis, v.sparse, tuple(chosen))))
+            candidates.append((stream, describe(1, shown, v.sparse), ("planes", v.axis, v.sparse, tuple(chosen))))
     return candidates
+
+
+def _code_variant(v: P.Variant, methods, planned: tuple | None, shared, big: bool) -> tuple[bytes, list[int]]:
+    """One layout's stream and each plane's method (the bitmap's first when sparse). With `planned`
+    methods (from a sample), each plane tries only its own, with constant and raw as fallbacks, and
+    a plane it does not fit (e.g. a symbol the shared tables lack) is searched in full."""
+    w = Writer()
+    w.u8(1)
+    w.u8(v.axis)
+    w.varint(v.rows)
+    w.u8(int(v.sparse))
+    if v.sparse:
+        w.varint(v.nnz)
+    chosen: list[int] = []
+    planes = ([(v.mask, np.array([v.mask.size]), None)] if v.sparse else []) + \
+        [(plane, v.lengths, shared) for plane in v.planes]
+    for i, (plane, lengths, tables) in enumerate(planes):
+        allowed = methods if planned is None else tuple(m for m in methods if m in (CONST, RAW, planned[i]))
+        m, payload = encode_plane(plane, lengths, allowed, tables, big=big)
+        if planned is not None and m == RAW and planned[i] != RAW:
+            m, payload = encode_plane(plane, lengths, methods, tables)
+        chosen.append(m)
+        w.u8(m)
+        w.blob(payload)
+    return w.getvalue(), chosen
 
 
 def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared: np.ndarray,
