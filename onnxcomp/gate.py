@@ -58,7 +58,7 @@ class Gate:
     min_cosine: float | None = None
     atol: float | None = None
     min_score_agreement: float | None = None  # Dice of the decisions on score-map outputs
-    min_top1_agreement: float | None = None  # top-1 agreement on class-distribution outputs
+    min_top1_agreement: float | None = None  # top-1 agreement on class-distribution and logits outputs
     confidence: bool = False  # min_cosine holds for the cosine's 95 % lower bound over samples
     metric: Callable[[list[dict[str, np.ndarray]], np.ndarray], float] | None = None
     budget: int = 6  # retries after the first run

@@ -70,7 +70,7 @@ def _export_bytes(module, args: tuple, exporter: str, input_names, output_names,
         return buffer.getvalue()
 
 
-def _check(module, model: Model, args: tuple, input_names: list[str], atol: float, rtol: float) -> float:
+def check_export(module, model: Model, args: tuple, input_names: list[str], atol: float, rtol: float) -> float:
     """Max abs error between the module and ORT on `args`; raises ExportError beyond tolerance."""
     import torch
 
@@ -119,10 +119,10 @@ def export(module, example_inputs: Any, path: str | Path | None = None, *,
         try:
             data = _export_bytes(module, args, choice, input_names, output_names, dynamic_axes, opset)
             model = load(data)
-            error = _check(module, model, args, input_names, atol, rtol)
+            error = check_export(module, model, args, input_names, atol, rtol)
             if dynamic_axes and any(0 in axes for axes in dynamic_axes.values()):
                 doubled = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() else a for a in args)
-                error = max(error, _check(module, model, doubled, input_names, atol, rtol))
+                error = max(error, check_export(module, model, doubled, input_names, atol, rtol))
             break
         except Exception as exc:  # each exporter fails in its own way; keep the reason, try the next
             reason = f"{choice} exporter failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"

@@ -117,7 +117,7 @@ def _export_with_past(model, path, batch: int, sequence: int, opset: int, atol: 
     import torch
     from transformers import DynamicCache
 
-    from onnxcomp.torch_export import ExportError, export
+    from onnxcomp.torch_export import check_export, export
 
     config = model.config
     with torch.no_grad():  # the cache layout (layers, heads, head size) as this model makes it
@@ -157,17 +157,8 @@ def _export_with_past(model, path, batch: int, sequence: int, opset: int, atol: 
     with torch.no_grad():
         result = export(wrapped, example(batch, 3, sequence, 0), None, dynamic_axes=axes, input_names=names,
                         output_names=outputs, opset=opset, exporter="torchscript", atol=atol)
-        from onnxcomp.runtime import make_session, run
-
-        session = make_session(result.model, "cpu")
         for b, p, s in ((1, 0, sequence), (batch + 1, 0, 1), (1, 2 * sequence + 1, 1)):  # first step, next steps
-            args = example(b, p, s, b * 100 + p)
-            expected = [t.numpy() for t in wrapped(*args)]
-            got = run(session, dict(zip(names, (a.numpy() for a in args))))
-            error = max(float(abs(got[n] - e).max()) for n, e in zip(outputs, expected))
-            if not error <= atol:
-                raise ExportError(f"the export with past disagrees with torch at batch {b}, past {p}, new {s}: "
-                                  f"max abs error {error:.3g}")
+            error = check_export(wrapped, result.model, example(b, p, s, b * 100 + p), names, atol, rtol=0.0)
             result.max_abs_error = max(result.max_abs_error, error)
     if path is not None:
         from onnxcomp.model import save
