@@ -33,14 +33,20 @@ def cache_key(saliency: str, samples: int, layers) -> str:
     return f"sensitivity:{saliency}:{samples}:" + "|".join(layer.name for layer in layers)
 
 
-def output_error(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> float:
-    """Relative squared error Σ‖y - y₀‖² / Σ‖y₀‖², averaged over the float outputs."""
+def output_error(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],
+                 centered: bool = False) -> float:
+    """Relative squared error Σ‖y - y₀‖² / Σ‖y₀‖², averaged over the float outputs.
+
+    `centered`: relative to each output's variance, Σ‖y₀ - mean(y₀)‖², instead of its energy, so
+    an output that sits near a constant (a detector's background probability near 1) weighs what
+    varies in it, not its offset."""
     errors = []
     for name, ref0 in reference[0].items():
         if not np.issubdtype(ref0.dtype, np.floating):
             continue
         num = sum(float(np.sum((c[name].astype(np.float64) - r[name]) ** 2)) for r, c in zip(reference, candidate))
-        den = sum(float(np.sum(r[name].astype(np.float64) ** 2)) for r in reference)
+        offset = float(np.mean([np.mean(r[name], dtype=np.float64) for r in reference])) if centered else 0.0
+        den = sum(float(np.sum((r[name].astype(np.float64) - offset) ** 2)) for r in reference)
         errors.append(num / max(den, 1e-30))
     return float(np.mean(errors)) if errors else 0.0
 
@@ -76,6 +82,33 @@ def prune_copy(layer: hs.WeightLayer, sparsity: float, saliency: str, hessian: n
     return layer.from_rows(out).astype(w.dtype)
 
 
+class OverrideRunner:
+    """Runs the model on held calibration feeds with some weights replaced, in ONE ORT session
+    (the weights are overridable graph inputs), and measures the output error against the
+    unchanged model's outputs."""
+
+    def __init__(self, model, names: list[str], feeds, samples: int = EVAL_SAMPLES, centered: bool = False):
+        self.centered = centered
+        self.session = _override_session(model, names)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        missing = [name for name in names if name not in overridable]
+        if missing:
+            raise RuntimeError(f"onnxruntime does not let {missing[0]} be overridden")
+        self.feedable = self.inputs | overridable  # ORT lists overridable initializers apart from inputs
+        self.evaluation = [f for _, f in zip(range(samples), feeds)]
+        self.reference = [self.run(f) for f in self.evaluation]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self.outputs, {k: v for k, v in feed.items() if k in self.feedable})
+        return dict(zip(self.outputs, values))
+
+    def error(self, replaced: dict[str, np.ndarray]) -> float:
+        """output_error of the model with these initializers replaced."""
+        return output_error(self.reference, [self.run({**f, **replaced}) for f in self.evaluation], self.centered)
+
+
 def measure(model, layers: list[hs.WeightLayer], feeds, saliency: str = "magnitude", samples: int = 128,
             hessians: dict[str, np.ndarray] | None = None, damp: float = 0.01,
             sparsities: tuple[float, ...] = DEFAULT_GRID, eval_samples: int = EVAL_SAMPLES
@@ -83,27 +116,13 @@ def measure(model, layers: list[hs.WeightLayer], feeds, saliency: str = "magnitu
     """{weight name: [(sparsity, output error), ...]} with (0, 0) first."""
     if saliency == "hessian" and not hessians:
         hessians = hs.layer_hessians(model, layers, feeds, samples)
-    evaluation = [f for _, f in zip(range(min(samples, eval_samples)), feeds)]
-    session = _override_session(model, [layer.name for layer in layers])
-    names = [o.name for o in session.get_outputs()]
-    inputs = {i.name for i in session.get_inputs()}
-
-    def run(feed):  # ORT lists overridable initializers apart from inputs: feed them directly
-        values = session.run(names, {k: v for k, v in feed.items() if k in inputs or k in overridable})
-        return dict(zip(names, values))
-
-    overridable = {i.name for i in session.get_overridable_initializers()}
-    missing = [layer.name for layer in layers if layer.name not in overridable]
-    if missing:
-        raise RuntimeError(f"onnxruntime does not let {missing[0]} be overridden")
-    reference = [run(f) for f in evaluation]
+    runner = OverrideRunner(model, [layer.name for layer in layers], feeds, min(samples, eval_samples))
     table: dict[str, list[tuple[float, float]]] = {}
     for layer in layers:
         points = [(0.0, 0.0)]
         for s in sorted(set(sparsities)):
             w = prune_copy(layer, s, saliency, (hessians or {}).get(layer.name), damp)
-            outs = [run({**f, layer.name: w}) for f in evaluation]
-            points.append((float(s), output_error(reference, outs)))
+            points.append((float(s), runner.error({layer.name: w})))
         table[layer.name] = points
     return table
 
