@@ -34,6 +34,10 @@ from onnxcomp.quant.qdq import NodeBuilder
 from onnxcomp.registry import register
 
 
+SPARSE_MAX_BITS = 4
+BACKOFF = 0.85  # each back-off asks for 15 % less compression
+
+
 @register
 class Gptq(Pass):
     """Low-bit weights (GPTQ, error-compensated with calibration Hessians), fixed or mixed per layer."""
@@ -61,7 +65,7 @@ class Gptq(Pass):
         sparsity: float = param(0.0, "fraction of each weight pruned jointly with the rounding (SparseGPT)",
                                 min=0.0, max=0.95)
         choices: tuple[int, ...] = param((), "bit widths to choose from per layer (mixed precision)")
-        sparsities: tuple[float, ...] = param((), "with choices: sparsities to choose from per layer (default: sparsity)")
+        sparsities: tuple[float, ...] = param((), "with choices: sparsities to choose from per layer at widths up to 4 bits (default: sparsity)")
         target_ratio: float = param(0.0, "with choices: packed weight bytes at most float32 bytes / this", min=0.0)
         max_error: float = param(0.0, "with choices: fewest bytes with summed measured output error at most this "
                                       "(relative squared error)", min=0.0)
@@ -76,11 +80,11 @@ class Gptq(Pass):
                 raise SpecError("gptq: choices needs target_ratio or max_error (what the widths are chosen for)")
 
     def backoff(self):
-        """For the accuracy gate: a quarter less compression (mixed), or one more bit (fixed)."""
+        """For the accuracy gate: 15 % less compression (mixed), or one more bit (fixed)."""
         cfg = self.config
         if cfg.choices:
             if cfg.target_ratio:
-                smaller = round(cfg.target_ratio * 0.75, 2)
+                smaller = round(cfg.target_ratio * BACKOFF, 2)
                 return self.with_params(target_ratio=smaller) if smaller >= 2 else None
             return self.with_params(max_error=cfg.max_error / 4) if cfg.max_error > 1e-7 else None
         return self.with_params(bits=cfg.bits + 1) if cfg.bits < 8 else None
@@ -195,12 +199,20 @@ class Gptq(Pass):
         for target in targets:
             table[target.name] = []
             for bits in self.config.choices:
-                for sparsity in self.config.sparsities or (self.config.sparsity,):
+                for sparsity in self._sparsities(bits):
                     q = quantized(target, bits, sparsity)
                     w = self._stored_float(target, q)
                     nbytes = lowbit.coded_bytes(lowbit.stored_arrays(target, q, form(target, bits)))
                     table[target.name].append(mixed.Choice(bits, nbytes, runner.error({target.name: w}), sparsity))
         return table
+
+    def _sparsities(self, bits: int) -> tuple[float, ...]:
+        """Sparsities tried at this width: pruning pays beside few bits, so above SPARSE_MAX_BITS
+        only the dense choice is measured (it halves the measuring time)."""
+        cfg = self.config
+        if not cfg.sparsities:
+            return (cfg.sparsity,)
+        return cfg.sparsities if bits <= SPARSE_MAX_BITS else (min(cfg.sparsities),)
 
     @staticmethod
     def _stored_float(target: lowbit.Target, q: Quantized) -> np.ndarray:

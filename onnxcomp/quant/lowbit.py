@@ -189,12 +189,14 @@ def write_nbits(build: NodeBuilder, target: Target, q: Quantized) -> None:
     out = node.outputs[0]
     bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name else None
     y = gs.Variable(build.unique(f"{base}_nbits"), dtype=np.float32) if bias is not None else out
-    inputs = [node.inputs[0], build.const(f"{target.name}_packed", packed), build.const(f"{target.name}_scales", scale),
-              build.const(f"{target.name}_zero_points", zeros)]
+    inputs = [node.inputs[0], build.const(f"{target.name}_Q{q.bits}", packed), build.const(f"{target.name}_scale", scale),
+              build.const(f"{target.name}_zp", zeros)]
     node.inputs.clear()
     node.outputs.clear()
+    node.name = ""  # the MatMulNBits takes over its name (short names: the file is no larger than ORT's own)
+    build.release(base)
     build.node("MatMulNBits", inputs, [y], {"K": int(k), "N": int(n), "bits": int(q.bits), "block_size": int(block)},
-               domain="com.microsoft", base=f"{base}_MatMulNBits")
+               domain="com.microsoft", base=base)
     if bias is not None:
         build.node("Add", [y, bias], [out], base=f"{base}_bias")
 

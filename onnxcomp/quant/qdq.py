@@ -121,6 +121,10 @@ class NodeBuilder:
 
         return unique_name(self._names, base)
 
+    def release(self, name: str) -> None:
+        """Make a name free again (its node is leaving the graph and a new one takes it over)."""
+        self._names.discard(name)
+
     def const(self, base: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.unique(base), np.asarray(values))
 
