@@ -6,8 +6,9 @@ from onnxcomp.errors import SpecError
 
 PRESETS: dict[str, tuple[str, str]] = {
     "lossless": ("fold, cleanup, fuse", "constant folding, clean-up and fusions; outputs unchanged"),
-    "int8": ("fold, cleanup, fuse, quantize(per_channel=true)",
-             "static int8 QDQ, per-channel, calibrated (needs --calibration; half is held out for the gate)"),
+    "int8": ("fold, cleanup, fuse, quantize(per_channel=true, per_tensor_below=0.0001)",
+             "static int8 QDQ, calibrated, per-channel weight scales where one scale would move the outputs "
+             "(needs --calibration; half is held out for the gate)"),
     "dynamic": ("fold, cleanup, fuse, quantize_dynamic",
                 "int8 weights, activations quantized at run time for MatMul/Gemm (transformers); Conv weights "
                 "weight-only int8 (needs data for the gate: --calibration or --evaluation)"),
@@ -21,7 +22,7 @@ PRESETS: dict[str, tuple[str, str]] = {
                          "codebook(bits=4), entropy",
                          "Hessian pruning + 4-bit k-means codebooks + entropy coding (needs --calibration; "
                          "write .onnxc)"),
-    "compact": ("fold, cleanup, fuse, gptq(choices=[2,3,4,5,6,8], sparsities=[0,0.5], target_ratio=16), entropy",
+    "compact": ("fold, cleanup, fuse, gptq(choices=[2,3,4,5,6,8], sparsities=[0,0.5,0.75], target_ratio=16), entropy",
                 "GPTQ low-bit weights, per-layer bits and sparsity chosen from measured bytes and output error "
                 "to 16x smaller weights, backed off by the accuracy gate (needs --calibration; write .onnxc)"),
     "max": ("fold, cleanup, fuse, prune(sparsity=0.95, scope=global, saliency=hessian), codebook(bits=3), entropy",

@@ -192,7 +192,7 @@ class Gptq(Pass):
 
     def _measure(self, model, targets, feeds, quantized, form) -> dict[str, list[mixed.Choice]]:
         """Every layer at every width: packed bytes (the coder's own) and whole-model output error."""
-        from passes.sensitivity import OverrideRunner
+        from onnxcomp.override import OverrideRunner
 
         runner = OverrideRunner(model, [t.name for t in targets], feeds, self.config.eval_samples, centered=True)
         table = {}

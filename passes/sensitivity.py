@@ -19,10 +19,10 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from onnxcomp import hessian as hs
 from onnxcomp.base import Pass, PassResult, param
+from onnxcomp.override import OverrideRunner, output_error  # noqa: F401 (output_error: re-exported)
 from onnxcomp.registry import register
 
 DEFAULT_GRID = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -31,39 +31,6 @@ EVAL_SAMPLES = 16
 
 def cache_key(saliency: str, samples: int, layers) -> str:
     return f"sensitivity:{saliency}:{samples}:" + "|".join(layer.name for layer in layers)
-
-
-def output_error(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],
-                 centered: bool = False) -> float:
-    """Relative squared error Σ‖y - y₀‖² / Σ‖y₀‖², averaged over the float outputs.
-
-    `centered`: relative to each output's variance, Σ‖y₀ - mean(y₀)‖², instead of its energy, so
-    an output that sits near a constant (a detector's background probability near 1) weighs what
-    varies in it, not its offset."""
-    errors = []
-    for name, ref0 in reference[0].items():
-        if not np.issubdtype(ref0.dtype, np.floating):
-            continue
-        num = sum(float(np.sum((c[name].astype(np.float64) - r[name]) ** 2)) for r, c in zip(reference, candidate))
-        offset = float(np.mean([np.mean(r[name], dtype=np.float64) for r in reference])) if centered else 0.0
-        den = sum(float(np.sum((r[name].astype(np.float64) - offset) ** 2)) for r in reference)
-        errors.append(num / max(den, 1e-30))
-    return float(np.mean(errors)) if errors else 0.0
-
-
-def _override_session(model, names: list[str]):
-    """An ORT session in which the named initializers can be replaced by feeding them."""
-    from onnxcomp.runtime import make_session
-
-    proto = model.to_proto()
-    proto.ir_version = max(proto.ir_version, 4)  # IR >= 4: initializers listed as inputs are overridable defaults
-    listed = {i.name for i in proto.graph.input}
-    inits = {t.name: t for t in proto.graph.initializer}
-    for name in names:
-        if name not in listed:
-            t = inits[name]
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-    return make_session(proto, "cpu", threads=None)
 
 
 def prune_copy(layer: hs.WeightLayer, sparsity: float, saliency: str, hessian: np.ndarray | None,
@@ -80,33 +47,6 @@ def prune_copy(layer: hs.WeightLayer, sparsity: float, saliency: str, hessian: n
     else:
         out = np.where(hs.magnitude_mask(rows, count), 0.0, rows)
     return layer.from_rows(out).astype(w.dtype)
-
-
-class OverrideRunner:
-    """Runs the model on held calibration feeds with some weights replaced, in ONE ORT session
-    (the weights are overridable graph inputs), and measures the output error against the
-    unchanged model's outputs."""
-
-    def __init__(self, model, names: list[str], feeds, samples: int = EVAL_SAMPLES, centered: bool = False):
-        self.centered = centered
-        self.session = _override_session(model, names)
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        overridable = {i.name for i in self.session.get_overridable_initializers()}
-        missing = [name for name in names if name not in overridable]
-        if missing:
-            raise RuntimeError(f"onnxruntime does not let {missing[0]} be overridden")
-        self.feedable = self.inputs | overridable  # ORT lists overridable initializers apart from inputs
-        self.evaluation = [f for _, f in zip(range(samples), feeds)]
-        self.reference = [self.run(f) for f in self.evaluation]
-
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self.outputs, {k: v for k, v in feed.items() if k in self.feedable})
-        return dict(zip(self.outputs, values))
-
-    def error(self, replaced: dict[str, np.ndarray]) -> float:
-        """output_error of the model with these initializers replaced."""
-        return output_error(self.reference, [self.run({**f, **replaced}) for f in self.evaluation], self.centered)
 
 
 def measure(model, layers: list[hs.WeightLayer], feeds, saliency: str = "magnitude", samples: int = 128,

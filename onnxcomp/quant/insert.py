@@ -25,6 +25,7 @@ class QuantOptions:
     symmetric_activations: bool = False
     weight_type: str = "int8"
     reduce_range: bool = False
+    per_tensor: frozenset[str] = frozenset()  # weights kept at one scale though per_channel is asked
 
 
 @dataclass
@@ -35,6 +36,7 @@ class InsertResult:
     absorbed: int = 0
     nodes_added: int = 0
     per_channel: bool = False
+    per_tensor_kept: int = 0  # weights asked per channel that kept one scale (per_tensor_below)
 
 
 def activation_params(plan: Plan, ranges: dict[str, tuple[float, float]], opts: QuantOptions) -> dict[str, QParams]:
@@ -116,16 +118,20 @@ def apply_plan(graph: gs.Graph, plan: Plan, ranges: dict[str, tuple[float, float
         w = use.node.inputs[use.index]
         if not isinstance(w, gs.Constant):
             continue
-        key = (w.name, use.axis)
+        values = np.asarray(w.values, np.float32)
+        axis = use.axis
+        if axis is not None and w.name in opts.per_tensor:
+            axis = None
+        key = (w.name, axis)
         if key not in done:
-            values = np.asarray(w.values, np.float32)
-            wp = weight_params(values, use.axis, opts.weight_type, opts.reduce_range)
+            wp = weight_params(values, axis, opts.weight_type, opts.reduce_range)
             q = build.const(f"{w.name}_quantized", quantize_array(values, wp, opts.reduce_range))
             out = build.dequantize(q, wp, w.name)
             out.shape = list(values.shape)
             done[key] = (out, wp)
             result.weights += 1
-            result.per_channel |= use.axis is not None
+            result.per_channel |= axis is not None
+            result.per_tensor_kept += int(axis is None and use.axis is not None)
         out, wp = done[key]
         use.node.inputs[use.index] = out
         weight_of[(use.node.name, use.index)] = wp

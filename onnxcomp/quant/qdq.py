@@ -139,21 +139,23 @@ class NodeBuilder:
     def _params(self, base: str, params: QParams):
         return self.const(f"{base}_scale", params.scale), self.const(f"{base}_zero_point", params.zero_point)
 
-    def quantize(self, x: gs.Variable, params: QParams, base: str) -> gs.Variable:
+    def quantize(self, x: gs.Variable, params: QParams, base: str, consts=None) -> gs.Variable:
         """x (float) -> QuantizeLinear -> returned quantized Variable."""
-        scale, zp = self._params(base, params)
+        scale, zp = consts or self._params(base, params)
         out = gs.Variable(self.unique(f"{base}_quantized"), dtype=params.zero_point.dtype)
         attrs = {"axis": int(params.axis)} if params.axis is not None else {}
         self.node("QuantizeLinear", [x, scale, zp], [out], attrs, base=f"{base}_QuantizeLinear")
         return out
 
-    def dequantize(self, q, params: QParams, base: str, out: gs.Variable | None = None) -> gs.Variable:
+    def dequantize(self, q, params: QParams, base: str, out: gs.Variable | None = None, consts=None) -> gs.Variable:
         """q (quantized Variable or Constant) -> DequantizeLinear -> float Variable."""
-        scale, zp = self._params(base, params)
+        scale, zp = consts or self._params(base, params)
         out = out if out is not None else gs.Variable(self.unique(f"{base}_dequantized"), dtype=np.float32)
         attrs = {"axis": int(params.axis)} if params.axis is not None else {}
         self.node("DequantizeLinear", [q, scale, zp], [out], attrs, base=f"{base}_DequantizeLinear")
         return out
 
     def qdq(self, x: gs.Variable, params: QParams, base: str, out: gs.Variable | None = None) -> gs.Variable:
-        return self.dequantize(self.quantize(x, params, base), params, base, out)
+        """Q -> DQ reading one scale and zero point (two copies would cost the file two more tensors)."""
+        consts = self._params(base, params)
+        return self.dequantize(self.quantize(x, params, base, consts), params, base, out, consts)

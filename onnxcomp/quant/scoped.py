@@ -82,6 +82,7 @@ def quantize_graphs(graph: gs.Graph, ranges: dict[str, tuple[float, float]], opt
         total.absorbed += inserted.absorbed
         total.nodes_added += inserted.nodes_added
         total.per_channel |= inserted.per_channel
+        total.per_tensor_kept += inserted.per_tensor_kept
         if not scope.is_main and plan.nodes:
             out.per_subgraph[scope.path] = {"quantized_anchors": len(plan.anchors()),
                                             "weights_quantized": inserted.weights,

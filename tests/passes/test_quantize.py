@@ -261,3 +261,38 @@ def test_embedding_quantization_can_be_turned_off():
     model, result, _ = run_pass(proto, data, latency_check=False, embeddings=False)
     assert "embeddings_quantized" not in result.stats
     assert any(t.name == "table" for t in model.to_proto().graph.initializer)
+
+
+def test_per_tensor_below_keeps_one_scale_where_it_moves_nothing_and_packs_smaller_on_ultraface():
+    from onnxcomp import container
+
+    e = entry("ultraface")
+    sizes, kept, cos = {}, {}, {}
+    for bound in (0.0, 1e-4):
+        spec = f"quantize(per_channel=true, per_tensor_below={bound}, latency_check=false)"
+        result = onnxcomp.optimize(e.path, spec, calibration=e.calibration(), check=False, gate=False)
+        proto = result.model.to_proto()
+        sizes[bound] = len(container.pack_proto(proto, "auto")[0])
+        kept[bound] = result.report.passes[-1].stats["per_tensor_kept"]
+        cos[bound] = e.evaluate(proto)["face_prob_cos"]
+    assert kept[0.0] == 0 and kept[1e-4] > 40
+    assert sizes[1e-4] < 0.8 * sizes[0.0]
+    assert cos[1e-4] >= cos[0.0] - 0.001
+
+
+def test_a_weight_whose_channels_differ_widely_stays_per_channel():
+    """w1's channels 4-7 are 1000x smaller and w2 reads them 1000x larger (as BatchNormalization
+    folding can leave a net): one scale for w1 rounds those channels away, which moves the
+    outputs, so the measured choice keeps w1 per channel."""
+    proto = conv_model()
+    arrays = {t.name: onnx.numpy_helper.to_array(t).copy() for t in proto.graph.initializer}
+    arrays["w1"][4:] *= 1e-3
+    arrays["b1"][4:] *= 1e-3
+    arrays["w2"][:, 4:] *= 1e3
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in arrays.items())
+    model, result, _ = run_pass(proto, feeds(8), per_channel=True, per_tensor_below=1e-4, latency_check=False)
+    axes = {n.inputs[0].name: n.attrs.get("axis") for n in model.graph.nodes
+            if n.op == "DequantizeLinear" and n.inputs[0].name.endswith("_quantized") and n.inputs[0].name[0] == "w"}
+    assert axes["w1_quantized"] == 0, "w1 must keep a scale per channel"
+    assert result.stats["per_tensor_kept"] <= 1
