@@ -70,6 +70,36 @@ def _waterfall(report: Report) -> str:
     return _png(fig)
 
 
+def _bit_allocation(report: Report) -> str:
+    """Per-layer bits and sparsity a low-bit pass chose (gptq's `per_layer`), plotted and listed."""
+    import matplotlib.pyplot as plt
+
+    chosen = next((p for p in reversed(report.passes) if isinstance(p.stats.get("per_layer"), dict)
+                   and all("bits" in v for v in p.stats["per_layer"].values())), None)
+    if chosen is None or not chosen.stats["per_layer"]:
+        return ""
+    layers = chosen.stats["per_layer"]
+    names = list(layers)
+    bits = [layers[n]["bits"] for n in names]
+    sparsity = [layers[n].get("sparsity", 0.0) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.18), 3))
+    ax.bar(range(len(names)), bits, color="#3b7dd8", label="bits")
+    ax.set_ylabel("bits per weight")
+    ax.set_xticks(range(len(names)), [n[-24:] for n in names], rotation=90, fontsize=6)
+    if any(sparsity):
+        twin = ax.twinx()
+        twin.plot(range(len(names)), sparsity, "o", color="#b00020", label="sparsity")
+        twin.set_ylabel("sparsity")
+        twin.set_ylim(0, 1)
+    ax.set_title(f"{chosen.spec[:80]}: bits (bars) and sparsity (dots) per layer")
+    measured = chosen.stats.get("measured", {})
+    rows = [[n, layers[n].get("op", ""), layers[n]["bits"], layers[n].get("sparsity", 0.0), layers[n].get("form", ""),
+             layers[n].get("bytes", 0), measured.get(n, {}).get(f"{layers[n]['bits']}b/{layers[n].get('sparsity', 0.0):g}",
+                                                             {}).get("error", "-")] for n in names]
+    return ("<h2>Bits and sparsity per layer</h2>" + _png(fig)
+            + _table(["layer", "op", "bits", "sparsity", "form", "packed bytes", "measured output error"], rows))
+
+
 def _layers_table(after: Model, found=None) -> str:
     """The largest 40 layers as they decode: stored form, real bits per weight, share of zeros."""
     from onnxcomp.layers import layers
@@ -261,6 +291,7 @@ def write_html(path: str | Path, report: Report, before: Model, after: Model,
                          for p in report.passes]))
     for note in report.notes:
         parts.append(f"<p class=note>{html.escape(note)}</p>")
+    parts.append(_bit_allocation(report))
     parts.append("<h2>Latency</h2>" + _latency(before, after, providers or ["cpu"], feed))
     parts.append("<h2>Layers (largest 40), as their weights decode</h2>" + _layers_table(after, found))
     parts.append("<h2>Weight histograms, largest layers: before and after</h2>" + _histograms(before, after, found=found))

@@ -9,7 +9,8 @@ the decoding a pass put in front of it and decoded with numpy:
     Gather(codebook, Cast(indices))        k-means codebook: bits = ceil(log2(codebook size))
     MatMulInteger(a, q, a_zp, w_zp)        dynamic int8: decoded as q - w_zp times the weight
                                            scale when the Mul that applies it is found
-    MatMulNBits(a, packed, scales, zps)    4-bit blocks (com.microsoft), low nibble first
+    MatMulNBits(a, packed, scales, zps)    2/4/8-bit blocks (com.microsoft), lowest bits first
+    (Cast(codes) - Cast(zero)) * scale     gptq's folded low-bit form: bits = the codes' width
     Cast / Identity / Reshape / Transpose  followed through
 
 `bits` is the width each weight is stored at (a 4-bit codebook layer: 4, though its indices sit
@@ -70,7 +71,7 @@ def layers(model) -> list[Layer]:
     return found
 
 
-_DECODING = ("Cast", "Identity", "Transpose", "Reshape", "DequantizeLinear", "Gather")
+_DECODING = ("Cast", "Identity", "Transpose", "Reshape", "DequantizeLinear", "Gather", "Sub", "Mul")
 
 
 def _is_constant(tensor) -> bool:
@@ -127,7 +128,24 @@ def _decode(tensor):
         return _dequantize(producer)
     if producer.op == "Gather" and isinstance(producer.inputs[0], gs.Constant):
         return _codebook(producer)
+    if producer.op == "Mul":
+        return _lowbit(producer)
     return None
+
+
+def _lowbit(node: gs.Node):
+    """(Cast(codes) - Cast(zero)) * scale, the gptq pass's folded form."""
+    sub = next((t.inputs[0] for t in node.inputs if t.inputs and t.inputs[0].op == "Sub"), None)
+    scale = next((t for t in node.inputs if isinstance(t, gs.Constant)), None)
+    if sub is None or scale is None:
+        return None
+    codes, zero = (_stored(t) for t in sub.inputs)
+    if codes is None or zero is None:
+        return None
+    q = _values(codes)
+    decoded = (q.astype(np.float32) - _values(zero).astype(np.float32)) * _values(scale).astype(np.float32)
+    bits = max(1, math.ceil(math.log2(int(q.max()) + 1))) if q.size else 8
+    return codes.name, decoded.astype(np.float32), bits, f"{bits}-bit grid (gptq)"
 
 
 def _stored(tensor) -> gs.Constant | None:
@@ -218,20 +236,24 @@ def _matmul_nbits(node: gs.Node):
         return None
     k, n, bits = int(node.attrs["K"]), int(node.attrs["N"]), int(node.attrs.get("bits", 4))
     block = int(node.attrs["block_size"])
-    if bits != 4:
-        return None
     data = _values(packed).reshape(n, -1)
-    q = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(n, -1)  # low nibble first
+    q = _unpack(data, bits)  # lowest bits first
     blocks = q.shape[1] // block
     q = q[:, :blocks * block].reshape(n, blocks, block).astype(np.float32)
     scale = _values(scales).astype(np.float32).reshape(n, blocks)
     zp_tensor = _stored(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
     if zp_tensor is not None:
-        zp_bytes = _values(zp_tensor).reshape(n, -1)
-        zp = np.stack([zp_bytes & 0x0F, zp_bytes >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+        zp = _unpack(_values(zp_tensor).reshape(n, -1), bits)[:, :blocks].astype(np.float32)
     else:
-        zp = np.full((n, blocks), 8.0, np.float32)
+        zp = np.full((n, blocks), float(2 ** (bits - 1)), np.float32)
     levels = q - zp[..., None]
     decoded = (levels * scale[..., None]).reshape(n, -1)[:, :k].T  # W [K, N] as MatMul reads it
     zeros = float(np.mean(decoded == 0)) if decoded.size else 0.0
-    return packed.name, decoded.astype(np.float32), (k, n), 4, "4-bit blocks (MatMulNBits)", zeros
+    return packed.name, decoded.astype(np.float32), (k, n), bits, f"{bits}-bit blocks (MatMulNBits)", zeros
+
+
+def _unpack(data: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [rows, bytes] -> values [rows, bytes * 8 // bits], the lowest bits first."""
+    per = 8 // bits
+    parts = [(data >> (j * bits)) & ((1 << bits) - 1) for j in range(per)]
+    return np.stack(parts, axis=-1).reshape(data.shape[0], -1)

@@ -41,6 +41,21 @@ def test_deep_compression_makes_digits_12x_smaller_within_half_a_point(digits):
     assert "passed the gate (metric drop <= 0.5 points) on" in " ".join(done.stdout.split())
 
 
+def test_compact_makes_digits_over_11x_smaller_within_half_a_point_and_lists_its_bits(digits):
+    out, report = digits / "compact.onnxc", digits / "compact.json"
+    done = run_cli("optimize", digits / "digits.onnx", "-o", out, "--preset", "compact",
+                   "--calibration", digits / "digits.calibration.npz",
+                   "--evaluation", digits / "digits.evaluation.npz", "--max-drop", "0.5", "--report", report)
+    assert done.returncode == 0, done.stderr
+    ratio = (digits / "digits.onnx").stat().st_size / out.stat().st_size
+    assert ratio >= 11, f"only {ratio:.1f}x smaller"
+    data = json.loads(report.read_text())
+    assert data["gate"]["passed"] and data["gate"]["drop_points"] <= 0.5
+    gptq = next(p for p in data["passes"] if p["spec"].startswith("gptq"))
+    assert set(gptq["stats"]["bits_per_layer"].values()) <= {2, 3, 4, 5, 6, 8}
+    assert gptq["stats"]["weight_packed_bytes"] <= gptq["stats"]["weight_bytes_before"] / 8
+
+
 def test_a_gate_broken_by_pruning_names_the_pass_and_backs_it_off(digits):
     done = run_cli("optimize", digits / "digits.onnx", "-o", digits / "p.onnx", "--pipeline",
                    "fold, prune(sparsity=0.99), cleanup", "--evaluation", digits / "digits.evaluation.npz",
@@ -55,7 +70,7 @@ def test_a_gate_broken_by_pruning_names_the_pass_and_backs_it_off(digits):
 def test_every_preset_is_listed_with_its_spec():
     done = run_cli("passes", "--presets")
     assert done.returncode == 0
-    for name in ("lossless", "int8", "dynamic", "deep-compression", "max"):
+    for name in ("lossless", "int8", "dynamic", "deep-compression", "compact", "max"):
         assert name in done.stdout
 
 
