@@ -119,6 +119,17 @@ def test_ultraface_inputs_follow_its_preprocessing():
     assert x.min() >= -127 / 128 - 1e-6 and x.max() <= 128 / 128 + 1e-6
 
 
+def test_ultraface_finds_faces_after_its_own_nms_and_a_blanked_model_finds_none():
+    from models.real import face_boxes
+
+    e = entry("ultraface")
+    metrics = e.evaluate(e.path)
+    assert metrics["faces_ref"] >= 2 and metrics["faces_found"] == metrics["faces_ref"] == metrics["faces"]
+    assert metrics["anchors_ref"] > metrics["faces_ref"]  # several anchors per face, merged by NMS
+    blank = {"scores": np.zeros((1, 4420, 2), np.float32), "boxes": np.zeros((1, 4420, 4), np.float32)}
+    assert len(face_boxes(blank)) == 0
+
+
 def test_mnist_accuracy_on_upscaled_digits_is_meaningful():
     e = entry("mnist")
     x = e.evaluation(1)[0]["Input3"]

@@ -110,7 +110,9 @@ def find_targets(model, ops: tuple[str, ...], exclude: tuple[str, ...], min_size
                 continue
             tables[id(table)] = Target(None, table, [n for n, _ in readers[id(table)]])
         targets += list(tables.values())
-    return [t for t in targets if np.isfinite(np.asarray(t.weight.values)).all()]
+    # float32 only: the decoded weight is float32 (a float16 model's weights stay as they are)
+    return [t for t in targets if np.dtype(t.weight.values.dtype) == np.float32
+            and np.isfinite(np.asarray(t.weight.values)).all()]
 
 
 # ---- bit packing -------------------------------------------------------------------------

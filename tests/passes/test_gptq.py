@@ -174,3 +174,16 @@ def test_choices_without_a_target_is_a_spec_error():
 
     with pytest.raises(SpecError, match="target_ratio or max_error"):
         get("gptq")(choices=(2, 4))
+
+
+def test_float16_weights_are_left_alone():
+    proto = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float16[N,64] x) => (float16[N,32] y) { y = MatMul(x, w) }
+""")
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(
+        np.random.default_rng(0).normal(0, 1, (64, 32)).astype(np.float16), "w"))
+    model = load(proto)
+    feeds = [{"x": np.random.default_rng(1).normal(0, 1, (4, 64)).astype(np.float16)} for _ in range(4)]
+    result = get("gptq")(bits=4, min_size=0).run(model, PassContext(calibration=feeds))
+    assert not result.changed and result.stats["layers"] == 0
