@@ -36,6 +36,7 @@ class Setting:
     min_cosine: float | None = None
     gate_metric: str | None = None  # a metric function for the gate instead of labels (see _gate_metric)
     compact_calibration: int | None = None  # feeds for the compact preset when they differ (None: `calibration`)
+    compact_max_drop: float | None = None  # the compact gate when it differs from deep-compression's
 
 
 SETTINGS = {
@@ -53,7 +54,7 @@ SETTINGS = {
     # calibrate, 16 others evaluate. As with ultraface the gate
     # holds the table's metric (the pooled sentence embedding's cosine), not the raw hidden states.
     "minilm": Setting(8, 16, "cos_mean", "sentence-embedding cosine vs fp32", max_drop=2.0,
-                      gate_metric="embedding_cos", compact_calibration=32),
+                      gate_metric="embedding_cos", compact_calibration=32, compact_max_drop=1.0),
 }
 
 
@@ -120,7 +121,8 @@ def _preset(entry, name: str, preset: str, cal, ev, setting: Setting, out: Path)
     gate = None
     if preset in ("deep-compression", "compact"):
         metric = _gate_metric(entry, setting.gate_metric, ev) if setting.gate_metric else None
-        gate = Gate(max_drop=setting.max_drop, min_cosine=setting.min_cosine, metric=metric)
+        drop = setting.compact_max_drop if preset == "compact" and setting.compact_max_drop else setting.max_drop
+        gate = Gate(max_drop=drop, min_cosine=setting.min_cosine, metric=metric)
         labels = _labels(name, len(ev))
         if labels is not None and metric is None:  # the gate reads top-1 accuracy against `labels`
             ev = [{**f, "labels": labels[i:i + 1]} for i, f in enumerate(ev)]
