@@ -34,6 +34,7 @@ from onnxcomp.quant.qdq import NodeBuilder
 from onnxcomp.registry import register
 
 SPARSE_MAX_BITS = 4
+REFERENCE_BITS = 3  # the choice whose whole-model error is measured (well above noise, below breakage)
 BACKOFF = 0.85  # each back-off asks for 15 % less compression
 
 
@@ -69,6 +70,9 @@ class Gptq(Pass):
         max_error: float = param(0.0, "with choices: fewest bytes with summed measured output error at most this "
                                       "(relative squared error)", min=0.0)
         eval_samples: int = param(16, "held calibration samples measuring each choice's output error", min=1)
+        measure_every: bool = param(False, "run the model for every choice of every layer (slow on big CNNs); "
+                                    "by default once per layer, scaled to its other choices by their "
+                                    "Hessian-weighted weight error")
 
         def __post_init__(self):
             if any(not 0.0 <= x <= 0.95 for x in self.sparsities):
@@ -118,7 +122,7 @@ class Gptq(Pass):
         stats: dict = {}
         if cfg.choices:
             table = ctx.analysis_of(model, self._table_key(targets),
-                                    lambda: self._measure(model, targets, feeds, quantized, form))
+                                    lambda: self._measure(model, targets, feeds, quantized, form, hessians))
             fp32 = sum(int(np.prod(t.weight.shape)) * 4 for t in targets)
             budget = int(fp32 / cfg.target_ratio) if cfg.target_ratio else None
             picked = mixed.choose(table, budget, cfg.max_error or None)
@@ -186,24 +190,46 @@ class Gptq(Pass):
 
     def _table_key(self, targets) -> str:
         cfg = self.config
-        return (f"gptq-table:{cfg.choices}:{cfg.sparsities or (cfg.sparsity,)}:{cfg.group_size}:{cfg.symmetric}:{cfg.act_order}:{cfg.damp}:{cfg.samples}:"
-                f"{cfg.form}:{cfg.eval_samples}:" + "|".join(t.name for t in targets))
+        return (f"gptq-table:{cfg.choices}:{cfg.sparsities or (cfg.sparsity,)}:{cfg.group_size}:{cfg.symmetric}:"
+                f"{cfg.act_order}:{cfg.damp}:{cfg.samples}:{cfg.form}:{cfg.eval_samples}:{cfg.measure_every}:"
+                + "|".join(t.name for t in targets))
 
-    def _measure(self, model, targets, feeds, quantized, form) -> dict[str, list[mixed.Choice]]:
-        """Every layer at every width: packed bytes (the coder's own) and whole-model output error."""
+    def _measure(self, model, targets, feeds, quantized, form, hessians) -> dict[str, list[mixed.Choice]]:
+        """Every layer at every width: packed bytes (the coder's own) and whole-model output error.
+
+        The model runs once per layer, at a reference choice (REFERENCE_BITS, dense); the other
+        choices' errors are that measurement scaled by their layer-local error, tr(ΔW H ΔWᵀ) with
+        the layer Hessian (‖ΔW‖² for an embedding table): within one layer the two move together,
+        and running the model for each of a dozen choices of every layer took a 12 MB detector past
+        five minutes. `measure_every` runs them all."""
         from onnxcomp.override import OverrideRunner
 
-        runner = OverrideRunner(model, [t.name for t in targets], feeds, self.config.eval_samples, centered=True)
+        cfg = self.config
+        runner = OverrideRunner(model, [t.name for t in targets], feeds, cfg.eval_samples, centered=True)
         table = {}
         for target in targets:
-            table[target.name] = []
-            for bits in self.config.choices:
-                for sparsity in self._sparsities(bits):
-                    q = quantized(target, bits, sparsity)
-                    w = self._stored_float(target, q)
-                    nbytes = lowbit.coded_bytes(lowbit.stored_arrays(target, q, form(target, bits)))
-                    table[target.name].append(mixed.Choice(bits, nbytes, runner.error({target.name: w}), sparsity))
+            choices = [(bits, sparsity) for bits in cfg.choices for sparsity in self._sparsities(bits)]
+            stored = {c: quantized(target, *c) for c in choices}
+            nbytes = {c: lowbit.coded_bytes(lowbit.stored_arrays(target, q, form(target, c[0])))
+                      for c, q in stored.items()}
+            if cfg.measure_every:
+                errors = {c: runner.error({target.name: self._stored_float(target, q)}) for c, q in stored.items()}
+            else:
+                local = {c: self._local_error(target, q, hessians.get(target.name)) for c, q in stored.items()}
+                reference = min(choices, key=lambda c: (abs(c[0] - REFERENCE_BITS), c[1]))
+                measured = runner.error({target.name: self._stored_float(target, stored[reference])})
+                scale = measured / local[reference] if local[reference] > 0 else 0.0
+                errors = {c: local[c] * scale for c in choices}
+            table[target.name] = [mixed.Choice(c[0], nbytes[c], errors[c], c[1]) for c in choices]
         return table
+
+    @staticmethod
+    def _local_error(target: lowbit.Target, q: Quantized, h: np.ndarray | None) -> float:
+        rows = target.to_rows(np.asarray(target.weight.values, np.float64))
+        diff = q.dequantized().astype(np.float64).reshape(rows.shape) - rows
+        if h is None:
+            return float(np.sum(diff ** 2))
+        return float(sum(np.sum((d @ hg) * d) for d, hg in zip(diff, h)))
 
     def _sparsities(self, bits: int) -> tuple[float, ...]:
         """Sparsities tried at this width: pruning pays beside few bits, so above SPARSE_MAX_BITS
