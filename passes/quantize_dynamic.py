@@ -28,6 +28,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.errors import PassError
 from onnxcomp.model import Model, upgrade_opset
+from onnxcomp.quant.lowbit import pack_bits
 from onnxcomp.quant.placement import name_nodes
 from onnxcomp.quant.qdq import NodeBuilder, quantize_array, weight_params
 from onnxcomp.registry import register
@@ -251,11 +252,7 @@ def pack_nbits(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, 
     scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
     zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)
     q = np.clip(np.rint(wb / scale[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    zp_pad = np.zeros((n, blocks + (blocks % 2)), np.uint8)
-    zp_pad[:, :blocks] = zp
-    zps = (zp_pad[:, 0::2] | (zp_pad[:, 1::2] << 4)).reshape(-1)
-    return packed, scale.reshape(-1), zps, block_size
+    return pack_bits(q, 4), scale.reshape(-1), pack_bits(zp, 4).reshape(-1), block_size
 
 
 def _targets(graph: gs.Graph, cfg) -> list[tuple[Scope, gs.Node, tuple[gs.Constant, bool]]]:

@@ -59,6 +59,14 @@ class Target:
             return 1
         return 0
 
+    @property
+    def cols(self) -> int:
+        """K: the inputs each output sums over (to_rows' last axis), from the shape alone."""
+        shape = tuple(self.weight.shape)
+        if self.op == "Conv":
+            return int(np.prod(shape[1:]))
+        return int(shape[1] if self.row_axis == 0 else shape[0])
+
     def groupable(self) -> bool:
         """Groups along K are expressible for 2-D weights (Conv keeps one grid per output channel)."""
         return self.op in ("MatMul", "Gemm", "Gather")
@@ -72,7 +80,7 @@ class Target:
                 int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) != 1.0
                 or float(node.attrs.get("beta", 1.0)) != 1.0):
             return False
-        k = self.to_rows(np.empty(self.weight.shape, np.float32)).shape[2]
+        k = self.cols
         return k >= 16 and (group == 0 or group >= k or (group >= 16 and not group & (group - 1)))
 
 
