@@ -236,23 +236,37 @@ def cpu_saturates_u8s8() -> bool:
     return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+NBITS_CHUNK = 1024  # output columns quantized at a time: the float temporaries stay a slice of W
+
+
 def pack_nbits(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """4-bit asymmetric block quantization of W [K, N] in MatMulNBits layout.
 
     Returns (B uint8 [N, blocks, block_size/2], scales float32 [N*blocks], zero points uint8
     [N * ceil(blocks/2)], block_size); two values per byte, the lower index in the low nibble.
+    The columns go NBITS_CHUNK at a time (a 32000-wide lm_head made ~4 float copies of itself).
     """
     k, n = w.shape
     blocks = -(-k // block_size)
-    padded = np.zeros((blocks * block_size, n), np.float32)
-    padded[:k] = w
-    wb = padded.T.reshape(n, blocks, block_size)  # column-major blocks along K
-    lo = np.minimum(wb.min(-1), 0.0)
-    hi = np.maximum(wb.max(-1), 0.0)
-    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
-    zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)
-    q = np.clip(np.rint(wb / scale[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
-    return pack_bits(q, 4), scale.reshape(-1), pack_bits(zp, 4).reshape(-1), block_size
+    packed = np.empty((n, blocks, block_size // 2), np.uint8)
+    scales = np.empty((n, blocks), np.float32)
+    zps = np.empty((n, -(-blocks // 2)), np.uint8)
+    for start in range(0, n, NBITS_CHUNK):
+        stop = min(n, start + NBITS_CHUNK)
+        padded = np.zeros((stop - start, blocks * block_size), np.float32)
+        padded[:, :k] = w[:, start:stop].T
+        wb = padded.reshape(stop - start, blocks, block_size)  # column-major blocks along K
+        lo = np.minimum(wb.min(-1), 0.0)
+        hi = np.maximum(wb.max(-1), 0.0)
+        scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+        zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)
+        wb /= scale[..., None]
+        np.rint(wb, out=wb)
+        wb += zp[..., None]
+        np.clip(wb, 0, 15, out=wb)
+        packed[start:stop] = pack_bits(wb.astype(np.uint8), 4)
+        scales[start:stop], zps[start:stop] = scale, pack_bits(zp, 4)
+    return packed, scales.reshape(-1), zps.reshape(-1), block_size
 
 
 def _targets(graph: gs.Graph, cfg) -> list[tuple[Scope, gs.Node, tuple[gs.Constant, bool]]]:
