@@ -153,14 +153,16 @@ def weight_digests(model: Model) -> set[bytes] | None:
     import onnx_graphsurgeon as gs
 
     from onnxcomp.context import HASH_LIMIT
+    from onnxcomp.model import peek_values
     from onnxcomp.subgraphs import scopes
 
     if model.summary()["param_bytes"] > HASH_LIMIT:
         return None
     digests = set()
     for scope in scopes(model.graph):
-        values = [t.values for t in scope.graph.tensors().values() if isinstance(t, gs.Constant)]
-        values += [n.attrs["value"].values for n in scope.graph.nodes
+        # peek_values: a weight left in its file (or spilled) is read, not loaded into the model
+        values = [peek_values(t) for t in scope.graph.tensors().values() if isinstance(t, gs.Constant)]
+        values += [peek_values(n.attrs["value"]) for n in scope.graph.nodes
                    if n.op == "Constant" and isinstance(n.attrs.get("value"), gs.Constant)]
         for value in values:
             value = np.ascontiguousarray(value)

@@ -24,7 +24,9 @@ import numpy as np
 from onnxcomp import hessian as hs
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.errors import PassError, SpecError
+from onnxcomp.model import peek_values
 from onnxcomp.registry import register
+from onnxcomp.spill import replace_values
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -218,7 +220,7 @@ class Prune(Pass):
                 new = layer.from_rows(out).astype(w.dtype)
                 if not np.array_equal(new, w):
                     changed.add(layer.name)
-                layer.weight.values = new  # replaced, never edited in place: Model.copy() shares arrays
+                replace_values(layer.weight, new)  # replaced, never edited in place: Model.copy() shares arrays
 
 
 def _prune_magnitude(layer: hs.WeightLayer, count: int, n: int, m: int, changed: set[str]) -> None:
@@ -234,7 +236,7 @@ def _prune_magnitude(layer: hs.WeightLayer, count: int, n: int, m: int, changed:
         new = _zero_smallest(w, count)
     if np.count_nonzero(new) != nonzero:  # magnitude pruning only zeroes weights
         changed.add(layer.name)
-    layer.weight.values = new  # replaced, never edited in place: Model.copy() shares arrays
+    replace_values(layer.weight, new)  # replaced, never edited in place: Model.copy() shares arrays
 
 
 def _zero_smallest(w: np.ndarray, count: int) -> np.ndarray:
@@ -260,7 +262,7 @@ def _zero_smallest(w: np.ndarray, count: int) -> np.ndarray:
 def _result(layers, changed: set[str], skipped, counts) -> PassResult:
     per_tensor, zeros, total = {}, 0, 0
     for layer in layers:
-        w = np.asarray(layer.weight.values)
+        w = np.asarray(peek_values(layer.weight))  # (not kept loaded: spilled weights stay on disk)
         z = int(w.size - np.count_nonzero(w))
         per_tensor[layer.name] = z / w.size
         zeros += z
