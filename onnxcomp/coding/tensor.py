@@ -257,7 +257,9 @@ def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
            shared: np.ndarray | None = None, rans: bool = True, slow: bool = True) -> tuple[bytes, str]:
     """Code one tensor (values: 1-D unsigned view of the element bytes). Returns (stream, choice).
     `rans=False`: no rANS plane, so decoding it needs no numba. `slow=False`: no xz or brotli
-    (they encode at ~1 MB/s; on a large model the bytes they save on its small tensors are noise).
+    (they encode at ~1 MB/s; on a large model the bytes they save on its small tensors are noise),
+    and zstd at its fast level on small tensors too (level 19 codes at ~5 MB/s: on a 4-bit model's
+    block scales and zero points, a fifth of its bytes, it made the whole pack run at ~30 MB/s).
 
     Every candidate coding (whole-tensor methods; each layout with each plane's methods) is tried;
     on a tensor over SAMPLE_MIN bytes they are tried on a sample of it, and the tensor is then coded
@@ -268,9 +270,9 @@ def encode(values: np.ndarray, kind: str, itemsize: int, shape: tuple[int, ...],
         part, part_shape = sample(values, shape, itemsize)
         if part.size < values.size:  # (zstd at the level the whole tensor will get, not a small one's)
             plan = _best(_candidates(part, kind, itemsize, part_shape, coder, shared, rans, slow=slow, big=True))[2]
-    found = _candidates(values, kind, itemsize, shape, coder, shared, rans, plan, slow)
+    found = _candidates(values, kind, itemsize, shape, coder, shared, rans, plan, slow, big=not slow)
     if plan is not None and plan[0] == "planes" and all(c[2][0] != "planes" for c in found):
-        found = _candidates(values, kind, itemsize, shape, coder, shared, rans, slow=slow)  # the layout does not apply
+        found = _candidates(values, kind, itemsize, shape, coder, shared, rans, slow=slow, big=not slow)  # the layout does not apply
     stream, choice, _ = _best(found)
     return (stream.materialize() if isinstance(stream, RawStream) else stream), choice
 
@@ -351,7 +353,7 @@ def _code_variant(v: P.Variant, methods, planned: tuple | None, shared, big: boo
         allowed = methods if planned is None else tuple(m for m in methods if m in (CONST, RAW, planned[i]))
         m, payload = encode_plane(plane, lengths, allowed, tables, big=big)
         if planned is not None and m == RAW and planned[i] != RAW:
-            m, payload = encode_plane(plane, lengths, methods, tables)
+            m, payload = encode_plane(plane, lengths, methods, tables, big=big)
         chosen.append(m)
         w.u8(m)
         w.blob(payload)
@@ -359,8 +361,8 @@ def _code_variant(v: P.Variant, methods, planned: tuple | None, shared, big: boo
 
 
 def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared: np.ndarray,
-           where: str) -> bytes:
-    """Decode one tensor's stream to its n * itemsize element bytes."""
+           where: str) -> bytes | memoryview:
+    """Decode one tensor's stream to its n * itemsize element bytes (bytes, or a memoryview of them)."""
     r = Reader(stream, where)
     form = r.u8()
     nbytes = n * itemsize
@@ -408,4 +410,5 @@ def decode(stream: bytes | memoryview, kind: str, itemsize: int, n: int, shared:
         full[nzmask] = vals
         vals = full
     out = P.unorder(vals, axis, rows)
-    return np.ascontiguousarray(out).astype(out.dtype.newbyteorder("<"), copy=False).tobytes()
+    out = np.ascontiguousarray(out).astype(out.dtype.newbyteorder("<"), copy=False)
+    return memoryview(out.reshape(-1).view(np.uint8))  # (not .tobytes(): a copy of every decoded byte)
