@@ -322,6 +322,8 @@ def unpack(
     packed: Path = typer.Argument(..., help="Packed .onnxc file."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .onnx model."),
     force: bool = typer.Option(False, "--force", help="Allow writing over the input file."),
+    external_data: bool = typer.Option(False, "--external-data", help="Weights to OUTPUT.data beside the model, "
+                                       "written as they decode (always so past 2 GB)."),
 ):
     """Decode a packed .onnxc file back to the original .onnx model (initializers bit-identical)."""
     from onnxcomp import container
@@ -329,10 +331,12 @@ def unpack(
     _check_output_path(output, packed, force)
     with err.status("unpacking…"):
         if _onto_input(output, packed):  # with --force
-            _staged(output, lambda path: container.unpack(packed, path))
+            _staged(output, lambda path: container.unpack(packed, path, external_data or None))
         else:
-            container.unpack(packed, output)
-    out.print(f"wrote {output} ({output.stat().st_size:,} bytes)")
+            container.unpack(packed, output, external_data or None)
+    data = output.parent / (output.name + ".data")
+    extra = f" + {data.stat().st_size:,} in {data.name}" if data.exists() else ""
+    out.print(f"wrote {output} ({output.stat().st_size:,} bytes{extra})")
 
 
 @app.command()
