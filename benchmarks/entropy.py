@@ -33,17 +33,18 @@ VARIANTS = {
 def order0(proto: onnx.ModelProto) -> dict[str, float]:
     """Order-0 entropy (bytes, no table cost) of the packed tensors: per tensor and per channel.
     Floats are measured per byte plane (the best an order-0 byte model can do)."""
-    from onnxcomp import coding, container
-    from onnxcomp.coding import models, planes
+    from onnxcomp.io import coding
+    from onnxcomp.io import format as container_format
+    from onnxcomp.io.coding import models, planes
 
     per_tensor = per_channel = 0.0
-    for tensor in container.all_tensors(proto):
-        payload = container._payload(tensor)
+    for tensor in container_format.all_tensors(proto):
+        payload = container_format._payload(tensor)
         if payload is None:
             continue
         values = payload[1]
         kind, size = coding.layout(tensor.data_type, values.dtype)
-        u = np.ascontiguousarray(values).view(container.UNSIGNED[values.dtype.itemsize])
+        u = np.ascontiguousarray(values).view(container_format.UNSIGNED[values.dtype.itemsize])
         rows = int(tensor.dims[0]) if len(tensor.dims) >= 2 and u.size % max(1, tensor.dims[0]) == 0 else 1
         for plane in planes.to_planes(u, kind, size):
             per_tensor += models.entropy_bits(np.bincount(plane, minlength=256)) / 8
@@ -55,7 +56,7 @@ def order0(proto: onnx.ModelProto) -> dict[str, float]:
 def first_inference_ms(plain: Path, packed: Path, feed, rounds: int) -> dict[str, float]:
     import onnxruntime as ort
 
-    from onnxcomp import container
+    from onnxcomp.io import container
 
     def run_plain():
         options = ort.SessionOptions()
@@ -79,8 +80,8 @@ def first_inference_ms(plain: Path, packed: Path, feed, rounds: int) -> dict[str
 def measure(name: str, variant: str, path: Path, feed, rounds: int) -> dict:
     import zstandard
 
-    from onnxcomp import container
-    from onnxcomp.coding import fastrans
+    from onnxcomp.io import container
+    from onnxcomp.io.coding import fastrans
     from onnxcomp.model import load_proto
 
     raw = path.read_bytes()

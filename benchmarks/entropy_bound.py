@@ -90,7 +90,7 @@ def _entropy_bytes(symbols: np.ndarray) -> float:
 
 def weight_costs(path: Path) -> dict:
     """Costs (bytes) of the int8 weight tensors (rank >= 2) of one model."""
-    from onnxcomp import container
+    from onnxcomp.io import container
 
     proto = onnx.load(str(path))
     weights = [numpy_helper.to_array(t).astype(np.int64) for t in proto.graph.initializer

@@ -200,7 +200,7 @@ def load_runnable(path: Path):
     import onnx
 
     if path.suffix == ".onnxc":
-        from onnxcomp.container import read_packed_proto
+        from onnxcomp.io.container import read_packed_proto
 
         return read_packed_proto(path)
     return onnx.load(str(path))

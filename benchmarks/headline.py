@@ -142,7 +142,7 @@ def _preset(entry, name: str, preset: str, cal, ev, setting: Setting, out: Path)
         row.update(mean_bits=gptq["mean_bits"], layers=gptq["layers"], sparse_layers=len(gptq["sparsity_per_layer"]),
                    bits_per_layer=gptq["bits_per_layer"], sparsity_per_layer=gptq["sparsity_per_layer"])
     if preset == "int8":  # the same model through our entropy coder, to set beside ORT + a generic compressor
-        from onnxcomp import container
+        from onnxcomp.io import container
 
         row["packed_bytes"] = len(container.pack_proto(result.model.to_proto(), "auto")[0])
     stats = {k: v for r in result.report.passes for k, v in r.stats.items() if k in ("slower_than_float", "kept_float")}

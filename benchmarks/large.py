@@ -67,7 +67,7 @@ STEPS = [  # (label, kind, spec, input, output)
 # ---- what one step does (in the process that measures it) -----------------------------
 def run_step(kind: str, spec: str, src: Path, dst: Path) -> dict:
     """Run one step on `src`, writing `dst`; returns its stats."""
-    from onnxcomp import container
+    from onnxcomp.io import container
 
     if kind == "pack":
         stats = container.pack(src, dst, coder=spec)

@@ -87,7 +87,7 @@ if "onnxcomp.validate" in sys.modules:  # (only when this file is re-run by impo
 
 def session(packed, providers=("cpu",), sess_options=None, threads=None):
     """An ORT InferenceSession straight from a packed .onnxc file or its bytes (nothing unpacked to disk)."""
-    from onnxcomp.container import session as packed_session
+    from onnxcomp.io.container import session as packed_session
 
     return packed_session(packed, providers=providers, sess_options=sess_options, threads=threads)
 

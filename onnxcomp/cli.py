@@ -302,7 +302,7 @@ def pack(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Entropy-code the weights into a packed .onnxc file that loads straight into ORT, bit-exact."""
-    from onnxcomp import container
+    from onnxcomp.io import container
 
     _check_output_path(output, model, force)
     with err.status("packing…"):
@@ -326,7 +326,7 @@ def unpack(
                                        "written as they decode (always so past 2 GB)."),
 ):
     """Decode a packed .onnxc file back to the original .onnx model (initializers bit-identical)."""
-    from onnxcomp import container
+    from onnxcomp.io import container
 
     _check_output_path(output, packed, force)
     with err.status("unpacking…"):

@@ -210,7 +210,7 @@ def _written_bytes(report: Report, after: Model, written: str | Path | None) -> 
         return "the model", None
     packing = getattr(after, "packing", None)
     if packing:
-        from onnxcomp.container import pack_proto
+        from onnxcomp.io.container import pack_proto
 
         return "the packed model (.onnxc)", len(pack_proto(after.to_proto(), packing.get("coder", "auto"))[0])
     return "the model as .onnx", len(serialize(after))

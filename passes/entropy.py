@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass
 
 from onnxcomp.base import Pass, PassResult, param
-from onnxcomp.coding import CODERS
+from onnxcomp.io.coding import CODERS
 from onnxcomp.registry import register
 
 
@@ -32,7 +32,7 @@ class Entropy(Pass):
         estimate: bool = param(True, "pack once now to report the packed size (and reuse it when saving)")
 
     def run(self, model, ctx) -> PassResult:
-        from onnxcomp.container import pack_proto
+        from onnxcomp.io.container import pack_proto
 
         coder = self.config.coder
         previous = (model.packing or {}).get("coder")

@@ -27,7 +27,7 @@ import onnx
 import pytest
 
 import onnxcomp
-from onnxcomp import container
+from onnxcomp.io import container
 from onnxcomp.pipeline import LOSSLESS_TOLERANCE
 from onnxcomp.validate import generate_inputs
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcomp import coding
-from onnxcomp.coding import models, planes, tables
-from onnxcomp.coding.io import CorruptStream, Reader, Writer
+from onnxcomp.io import coding
+from onnxcomp.io.coding import models, planes, tables
+from onnxcomp.io.coding.io import CorruptStream, Reader, Writer
 from onnxcomp.errors import InputError
 
 UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -95,7 +95,7 @@ def test_rans_groups_decode_in_order():
 
 
 def test_fast_rans_groups_with_their_tables_decode_exactly_near_the_entropy():
-    from onnxcomp.coding import fastrans
+    from onnxcomp.io.coding import fastrans
 
     rng = np.random.default_rng(3)
     wide = np.clip(np.round(rng.laplace(0, 20, 30000)), -128, 127).astype(np.int8).view(np.uint8)
@@ -112,7 +112,7 @@ def test_fast_rans_groups_with_their_tables_decode_exactly_near_the_entropy():
 
 
 def test_fast_rans_normalized_tables_sum_exactly_and_keep_the_support():
-    from onnxcomp.coding import fastrans
+    from onnxcomp.io.coding import fastrans
 
     counts = np.zeros(256, np.int64)
     counts[[3, 10, 200]] = [1, 10**6, 5]
@@ -121,7 +121,7 @@ def test_fast_rans_normalized_tables_sum_exactly_and_keep_the_support():
 
 
 def test_fast_rans_refuses_corrupt_streams_cleanly():
-    from onnxcomp.coding import fastrans
+    from onnxcomp.io.coding import fastrans
 
     rng = np.random.default_rng(4)
     symbols = np.clip(np.round(rng.laplace(0, 5, 5000)), -128, 127).astype(np.int8).view(np.uint8)
@@ -184,7 +184,7 @@ def test_mutated_tensor_streams_decode_or_fail_with_input_error_only():
 def test_brotli_streams_are_decoded_within_their_declared_size():
     """A tiny brotli stream can expand to gigabytes: the decoder stops at the declared size and
     says so in one line, and garbage is one line too."""
-    from onnxcomp.coding.tensor import brotli_compress, brotli_decompress
+    from onnxcomp.io.coding.tensor import brotli_compress, brotli_decompress
 
     data = bytes(range(256)) * 40
     assert brotli_decompress(brotli_compress(data), len(data), "t") == data
@@ -214,7 +214,7 @@ def test_auto_takes_brotli_where_it_is_smallest_and_it_decodes():
 def test_a_large_tensor_coded_from_a_sample_decodes_exactly_within_1_percent_of_the_full_search(pruned, monkeypatch):
     """Over SAMPLE_MIN bytes the layout and each plane's method are chosen on a sample, and the
     tensor is coded once: the stream stays within 1 % of what trying everything on it gives."""
-    from onnxcomp.coding import tensor
+    from onnxcomp.io.coding import tensor
 
     rng = np.random.default_rng(9)
     weight = (rng.standard_normal((512, 1024)) * np.linspace(0.01, 0.05, 1024)).astype(np.float32)  # 2 MiB
@@ -228,7 +228,7 @@ def test_a_large_tensor_coded_from_a_sample_decodes_exactly_within_1_percent_of_
 
 
 def test_a_sampled_layout_that_does_not_fit_the_whole_tensor_falls_back_to_the_full_search(monkeypatch):
-    from onnxcomp.coding import tensor
+    from onnxcomp.io.coding import tensor
 
     rng = np.random.default_rng(10)
     dense = rng.standard_normal((512, 1024)).astype(np.float32)  # no zeros: no sparse layout exists
@@ -242,7 +242,7 @@ def test_a_sampled_layout_that_does_not_fit_the_whole_tensor_falls_back_to_the_f
 
 def test_compiled_layout_helpers_match_numpy():
     """The encoder's numba helpers (per-row histograms, tiled transpose) give numpy's answers."""
-    from onnxcomp.coding import kernels
+    from onnxcomp.io.coding import kernels
 
     rng = np.random.default_rng(11)
     plane = rng.integers(0, 256, 300_001, dtype=np.uint8)

@@ -14,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxcomp
-from onnxcomp import container
 from onnxcomp.errors import InputError
+from onnxcomp.io import container
+from onnxcomp.io import pack as pack_module
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 LIGHT_MODELS = sorted(LIGHT.glob("light_*.onnx"))
@@ -65,7 +66,7 @@ def test_session_from_packed_file_gives_identical_outputs(ultraface_path, tmp_pa
     from onnxcomp.validate import generate_inputs
 
     container.pack(ultraface_path, tmp_path / "u.onnxc")
-    packed = onnxcomp.container.session(tmp_path / "u.onnxc", providers=("cpu",), threads=1)
+    packed = onnxcomp.io.container.session(tmp_path / "u.onnxc", providers=("cpu",), threads=1)
     assert packed.get_session_options().intra_op_num_threads == 1
     plain = make_session(ultraface_path, "cpu", threads=None)
     feed = generate_inputs(onnxcomp.load(ultraface_path), 1, seed=0)[0]
@@ -197,12 +198,12 @@ def test_small_tensors_are_coded_in_bundles_and_come_back_exactly():
     assert stats["tensors"] == 300 and stats["streams"] == 2
     assert all(c.startswith("bundle:") for c in stats["choices"])
     assert container.unpack_bytes(data).SerializeToString() == model.SerializeToString()
-    alone = container.BUNDLE_MAX
+    alone = pack_module.BUNDLE_MAX
     try:
-        container.BUNDLE_MAX = 0  # every tensor in its own stream, as format version 1 did
+        pack_module.BUNDLE_MAX = 0  # every tensor in its own stream, as format version 1 did
         separate, stats_alone = container.pack_proto(model, "auto")
     finally:
-        container.BUNDLE_MAX = alone
+        pack_module.BUNDLE_MAX = alone
     assert stats_alone["streams"] == 300
     assert len(data) < len(separate)
 
@@ -216,11 +217,11 @@ def test_small_models_keep_rans_only_where_it_saves_more_than_its_costs(mnist_pa
     ultraface = onnx.load(ultraface_path)
     kept, stats_kept = container.pack_proto(ultraface)
     assert any("rans" in c for c in stats_kept["choices"])
-    monkeypatch.setattr(container, "RANS_MARGIN", 0.02)  # a user who wants no numba for 2 %
+    monkeypatch.setattr(pack_module, "RANS_MARGIN", 0.02)  # a user who wants no numba for 2 %
     dropped, stats_dropped = container.pack_proto(ultraface)
     assert not any("rans" in c for c in stats_dropped["choices"])
     assert len(kept) < len(dropped) < 1.02 * len(kept)
-    monkeypatch.setattr(container, "RECODE_MAX", 0)  # no model is coded twice: rANS wherever a stream gains
+    monkeypatch.setattr(pack_module, "RECODE_MAX", 0)  # no model is coded twice: rANS wherever a stream gains
     forced, stats_forced = container.pack_proto(mnist)
     assert any("rans*" in c for c in stats_forced["choices"]) and stats_forced["tables_bytes"] > 10
     assert len(data) < len(forced)
@@ -232,12 +233,12 @@ def test_the_cheapest_coding_of_the_rans_streams_is_chosen():
     """Three codings of a model's rANS streams: as they are (with the shared tables), without the
     tables (per-plane rANS allowed), without rANS (preferred within RANS_MARGIN of the file)."""
     def records():  # 0: rANS with the shared tables, 1: rANS with its own table, 2: zstd
-        return [container._Stream([], 0, coded, 0, choice)
+        return [pack_module._Stream([], 0, coded, 0, choice)
                 for coded, choice in ((1000, "planes[rans*]"), (500, "planes[rans]"), (8500, "zstd"))]
 
     def chosen(tables_cost, no_tables, no_rans):
         streams = records()
-        replaced = container._cheaper_codings(
+        replaced = pack_module._cheaper_codings(
             streams, {0: (b"t" * no_tables, "planes[rans]")},
             {0: (b"r" * no_rans[0], "brotli"), 1: (b"r" * no_rans[1], "zstd")}, tables_cost)
         return sorted(replaced), [s.choice for s in streams[:2]], sum(s.coded for s in streams[:2])
@@ -343,7 +344,7 @@ def _bundle_model() -> onnx.ModelProto:
 def test_reader_refuses_inconsistent_bundles(monkeypatch, bundles, message):
     """A writer (ours, bent here) that lists a tensor twice or bundles unlike tensors gets one
     clean error from the reader, not a model with doubled or misread weights."""
-    monkeypatch.setattr(container, "_bundles", lambda sizes: ([i for i in sizes if i not in sum(bundles, [])],
+    monkeypatch.setattr(pack_module, "_bundles", lambda sizes: ([i for i in sizes if i not in sum(bundles, [])],
                                                               bundles))
     data, _ = container.pack_proto(_bundle_model(), "zstd")
     assert message in _error(data)

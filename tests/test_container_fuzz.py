@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcomp import container
+from onnxcomp.io import container
 from onnxcomp.errors import InputError
 from tests.conftest import REAL
 

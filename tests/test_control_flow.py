@@ -153,7 +153,7 @@ def test_static_quantize_fallback_keeps_subgraph_nodes_in_float_until_the_error_
 
 
 def test_a_quantized_vad_model_packs_and_unpacks_bit_exactly_with_its_subgraph_initializers(proto):
-    from onnxcomp.container import pack_proto, read_packed_proto
+    from onnxcomp.io.container import pack_proto, read_packed_proto
 
     model, _, _ = run_pass(proto, "quantize_dynamic", min_size=0)
     exported = model.to_proto()

@@ -18,7 +18,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from benchmarks import large as bench
 from models import decoder, large
-from onnxcomp import container
+from onnxcomp.io import container
 from onnxcomp.model import ExternalValues, load, save
 from onnxcomp.spill import SpilledValues
 

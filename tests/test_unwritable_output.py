@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from onnxcomp import container
+from onnxcomp.io import container
 
 from .helpers import assert_one_line_error, run_cli_here, small_cnn
 

@@ -179,7 +179,7 @@ def coded_bytes(arrays: list[np.ndarray], coder: str = "auto") -> int:
     """Bytes the packed container's coder spends on these arrays (each coded alone: no shared
     tables). (rANS alone would measure 2.4x faster on a 64-layer detector, but it misjudged the
     sparse choices enough to cost Ultraface a face at the same target: kept at auto.)"""
-    from onnxcomp import coding
+    from onnxcomp.io import coding
 
     total = 0
     for a in arrays:

@@ -16,7 +16,7 @@ def test_entropy_pass_marks_the_model_and_save_writes_the_packed_file(mnist_path
     onnxcomp.save(result.model, tmp_path / "m.onnxc")
     assert (tmp_path / "m.onnxc").stat().st_size == stats["packed_bytes"] < stats["plain_bytes"]
     back = onnx.load(mnist_path)
-    packed = onnxcomp.container.read_packed_proto(tmp_path / "m.onnxc")
+    packed = onnxcomp.io.container.read_packed_proto(tmp_path / "m.onnxc")
     assert {t.name: t.raw_data for t in packed.graph.initializer} == \
         {t.name: t.raw_data for t in onnxcomp.load(mnist_path).to_proto().graph.initializer}
     assert len(packed.graph.node) == len(back.graph.node)

@@ -264,7 +264,7 @@ def test_embedding_quantization_can_be_turned_off():
 
 
 def test_per_tensor_below_keeps_one_scale_where_it_moves_nothing_and_packs_smaller_on_ultraface():
-    from onnxcomp import container
+    from onnxcomp.io import container
 
     e = entry("ultraface")
     sizes, kept, cos = {}, {}, {}

@@ -43,7 +43,7 @@ def from_planes(planes: np.ndarray | list[np.ndarray], kind: str, itemsize: int,
         return planes[0]
     planes = np.ascontiguousarray(planes, np.uint8)
     if compiled:
-        from onnxcomp.coding.fastrans import merge_planes_kernel
+        from onnxcomp.io.coding.fastrans import merge_planes_kernel
 
         out = np.empty(planes.shape[1], UINT[itemsize])
         merge_planes_kernel(planes, kind == "f", out)
@@ -91,7 +91,7 @@ def row_hists(plane: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """(R, 256) symbol counts of each row."""
     r = len(lengths)
     if plane.size >= COMPILED_MIN:
-        from onnxcomp.coding import kernels  # numba: the encoder only
+        from onnxcomp.io.coding import kernels  # numba: the encoder only
 
         out = np.zeros((r, 256), np.int64)
         kernels.row_hists(np.ascontiguousarray(plane), np.asarray(lengths, np.int64), out)
@@ -121,7 +121,7 @@ def order(values: np.ndarray, axis: int, rows: int) -> np.ndarray:
     if axis == 0:
         return values
     if values.size >= COMPILED_MIN:
-        from onnxcomp.coding import kernels  # numba: the encoder only
+        from onnxcomp.io.coding import kernels  # numba: the encoder only
 
         return kernels.transposed(values, rows)
     return values.reshape(-1, rows).T.ravel()

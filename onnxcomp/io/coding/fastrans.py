@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from onnxcomp.coding.io import CorruptStream
+from onnxcomp.io.coding.io import CorruptStream
 
 PROB_BITS = 14
 TOTAL = 1 << PROB_BITS

@@ -15,9 +15,9 @@ import threading
 
 import numpy as np
 
-from onnxcomp.coding import models, planes as P
-from onnxcomp.coding.io import CorruptStream, Reader, Writer
-from onnxcomp.coding.tables import UNCODABLE, row_costs
+from onnxcomp.io.coding import models, planes as P
+from onnxcomp.io.coding.io import CorruptStream, Reader, Writer
+from onnxcomp.io.coding.tables import UNCODABLE, row_costs
 
 # RANS and SHARED are constriction's rANS (still decoded, no longer written: it decodes at about
 # 40 MB/s); FRANS and FSHARED are the same tables coded by the table-driven rANS in fastrans.
@@ -161,7 +161,7 @@ def _decode_ids(r: Reader, count: int, where: str) -> np.ndarray:
 
 def encode_plane(plane: np.ndarray, lengths: np.ndarray, methods, shared: np.ndarray | None,
                  hists: np.ndarray | None = None, big: bool = False) -> tuple[int, bytes]:
-    from onnxcomp.coding import fastrans  # imports numba: only when a plane is coded
+    from onnxcomp.io.coding import fastrans  # imports numba: only when a plane is coded
     n = plane.size
     if n == 0:
         return RAW, b""
@@ -214,7 +214,7 @@ def decode_plane(method: int, payload: memoryview, n: int, lengths: np.ndarray, 
         return np.frombuffer(zstd_decompress(payload, n, where), np.uint8)
     if method == XZ:
         return np.frombuffer(xz_decompress(payload, n, where), np.uint8)
-    from onnxcomp.coding import fastrans  # imports numba: only when a plane is decoded
+    from onnxcomp.io.coding import fastrans  # imports numba: only when a plane is decoded
 
     r = Reader(payload, where)
     if method in (RANS, HUFF, FRANS):

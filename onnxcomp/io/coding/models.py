@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxcomp.coding.io import Reader, Writer
+from onnxcomp.io.coding.io import Reader, Writer
 
 TABLE_TOTAL = 1 << 12
 
@@ -91,7 +91,7 @@ def rans_encode(groups: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
 def rans_decode(data: bytes | memoryview, groups: list[tuple[int, np.ndarray]], where: str) -> list[np.ndarray]:
     import constriction
 
-    from onnxcomp.coding.io import CorruptStream
+    from onnxcomp.io.coding.io import CorruptStream
 
     if len(data) % 4:
         raise CorruptStream(f"{where}: rANS stream length is not a multiple of 4")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxcomp.coding.io import Reader, Writer
-from onnxcomp.coding.models import entropy_bits, quantize_counts, read_table, table_bytes, write_table
+from onnxcomp.io.coding.io import Reader, Writer
+from onnxcomp.io.coding.models import entropy_bits, quantize_counts, read_table, table_bytes, write_table
 
 MAX_TABLES = 64
 SMOOTH = 1e-3

@@ -1,0 +1,1 @@
+"""The packed file (.onnxc): its format, writer, reader and entropy coders (coding/)."""
