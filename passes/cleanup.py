@@ -80,7 +80,8 @@ class Cleanup(Pass):
         counts_after = sf.node_counts(graph)
         stats["dead_nodes_removed"] = max(0, total_before - sum(counts_after))
         gu.toposort(graph)
-        reordered = [id(n) for n in graph.nodes] != [i for i in before if i in {id(n) for n in graph.nodes}]
+        after = {id(n) for n in graph.nodes}
+        reordered = [id(n) for n in graph.nodes] != [i for i in before if i in after]
         stats["dead_nodes_removed"] = max(0, stats["dead_nodes_removed"] - stats["duplicate_nodes_merged"])
         changed = bool(stats["noops_removed"] or stats["initializers_merged"] or stats["dead_nodes_removed"]
                        or stats["duplicate_nodes_merged"] or stats["weights_renamed"]
@@ -98,34 +99,34 @@ class Cleanup(Pass):
             return
         needs = any(n.op in NEEDS_FACTS for _, nodes in work for n in nodes)
         facts = sf.scoped_facts(model.to_proto(weights=False), graph) if needs else {}
-        consumers = gu.consumers_map(graph)
         for scope_graph, candidates in work:
             known = facts.get(id(scope_graph), {})
             for node in candidates:
                 try:
-                    keep = _noop_input(node, known, scope_graph, consumers, graph.opset)
+                    keep = _noop_input(node, known, scope_graph, graph.opset)
                 except (ValueError, TypeError, IndexError, KeyError):
                     keep = None
                 if keep is not None and gu.remove_node_keep_output_names(scope_graph, node, keep):
                     stats["noops_removed"] += 1
                     stats[f"removed_{node.op}"] += 1
-                    consumers = gu.consumers_map(graph)
 
 
 def _const(tensor) -> np.ndarray | None:
     return gu.constant_value(tensor) if isinstance(tensor, gs.Constant) else None
 
 
-def _unused(tensor, graph, consumers) -> bool:
-    return tensor.name == "" or (not consumers.get(id(tensor)) and not gu.is_graph_output(graph, tensor))
+def _unused(tensor, graph) -> bool:
+    """No node reads it (graphsurgeon keeps `tensor.outputs` in step with every edit, subgraph
+    readers included: no consumers map rebuilt after each removal) and it is no graph output."""
+    return tensor.name == "" or (not tensor.outputs and not gu.is_graph_output(graph, tensor))
 
 
-def _noop_input(node: gs.Node, facts: dict, graph: gs.Graph, consumers: dict, opset: int) -> int | None:
+def _noop_input(node: gs.Node, facts: dict, graph: gs.Graph, opset: int) -> int | None:
     """The index of the input a no-op node passes through unchanged, or None."""
     op, ins = node.op, node.inputs
     if len(node.outputs) < 1 or not ins or ins[0].name == "":
         return None
-    if any(not _unused(t, graph, consumers) for t in node.outputs[1:]):
+    if any(not _unused(t, graph) for t in node.outputs[1:]):
         return None
     x = ins[0]
     if op == "Identity":
