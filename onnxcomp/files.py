@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from onnxcomp.errors import OutputError
@@ -31,6 +33,25 @@ def atomic_write(path: Path, write) -> Path:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextmanager
+def staging_folder(path: Path):
+    """A temporary folder beside `path` for files that are renamed into place once complete
+    (data files before the model that points at them), removed afterwards whatever happens; an
+    OSError inside becomes one OutputError line naming `path`."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{path}: the folder {folder} does not exist")
+    staging = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+        yield staging
+    except OSError as exc:
+        raise OutputError(cannot_write(path, exc)) from exc
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def cannot_write(path: Path, exc: OSError) -> str:

@@ -12,8 +12,6 @@ import dataclasses
 import functools
 import math
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxcomp.errors import InputError, OutputError
-from onnxcomp.files import cannot_write
+from onnxcomp.files import staging_folder
 from onnxcomp.graph_utils import toposort
 from onnxcomp.repair import describe_nonfinite, nonfinite_initializers, unique_node_names  # noqa: F401 (API)
 from onnxcomp.value_types import (restore_type_attributes, restore_types, type_attributes_as_strings, types_to_keep,
@@ -548,11 +546,7 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
         # With external data a Model's weights are streamed to the file one by one (below).
         proto = None if external_data else model.to_proto()
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{path}: the folder {folder} does not exist")
-    staging = None
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    with staging_folder(path) as staging:
         staged = staging / path.name
         data_name = path.name + ".data"
         moved: list = []  # (Constant, offset, length) of weights copied from their file unread
@@ -576,11 +570,6 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
                 if isinstance(const._values, ExternalValues):
                     const._values = ExternalValues(const._values._meta, (folder / data_name).resolve(), offset, length)
         os.replace(staged, path)
-    except OSError as exc:
-        raise OutputError(cannot_write(path, exc)) from exc
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

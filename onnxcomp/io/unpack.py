@@ -6,9 +6,7 @@ from __future__ import annotations
 import functools
 import lzma
 import os
-import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -357,16 +355,11 @@ def _declared_total(path: Path) -> int:
 
 
 def _unpack_to_external_data(in_path: Path, out_path: Path) -> Path:
-    from onnxcomp.files import cannot_write
+    from onnxcomp.files import staging_folder
     from onnxcomp.model import EXTERNAL_DATA_ALIGN, EXTERNAL_DATA_MIN_BYTES, _external_tensors, _set_location
 
-    folder = out_path.parent if str(out_path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{out_path}: the folder {folder} does not exist")
     data_name = out_path.name + ".data"
-    staging = None
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=folder))
+    with staging_folder(out_path) as staging:
         data, release = _map_packed(in_path)
         written: set[str] = set()  # (protobuf hands out new wrapper objects: names, not ids)
         with open(staging / data_name, "wb") as out:
@@ -386,11 +379,6 @@ def _unpack_to_external_data(in_path: Path, out_path: Path) -> Path:
                 raise InputError(f"{in_path}: tensor {tensor.name!r} points at an external file; a packed "
                                  "model holds all its data")
         (staging / out_path.name).write_bytes(proto.SerializeToString())
-        os.replace(staging / data_name, folder / data_name)  # data first: the model never points at nothing
+        os.replace(staging / data_name, out_path.parent / data_name)  # data first: the model never points at nothing
         os.replace(staging / out_path.name, out_path)
-    except OSError as exc:
-        raise OutputError(cannot_write(out_path, exc)) from exc
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     return out_path
