@@ -14,8 +14,18 @@ import onnx
 
 from onnxcomp.errors import InputError, OutputError
 from onnxcomp.io import coding
-from onnxcomp.io.format import (BUNDLE_MAX, FIELDS, MAGIC, PLAIN_TYPES, RANS_MARGIN, RECODE_MAX,  # noqa: F401 (API)
-                                UNSIGNED, VERSION, T, all_tensors)
+from onnxcomp.io.format import (  # noqa: F401 (API)
+    BUNDLE_MAX,
+    FIELDS,
+    MAGIC,
+    PLAIN_TYPES,
+    RANS_MARGIN,
+    RECODE_MAX,
+    UNSIGNED,
+    VERSION,
+    T,
+    all_tensors,
+)
 from onnxcomp.io.pack import pack_proto, pack_to  # noqa: F401 (API)
 from onnxcomp.io.unpack import read_packed_proto, unpack, unpack_bytes  # noqa: F401 (API)
 

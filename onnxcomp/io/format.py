@@ -62,6 +62,10 @@ PLAIN_TYPES = {T.FLOAT: np.dtype("<f4"), T.DOUBLE: np.dtype("<f8"), T.FLOAT16: n
                T.UINT32: np.dtype("<u4"), T.INT64: np.dtype("<i8"), T.UINT64: np.dtype("<u8")}
 UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 CODING_THREADS = min(4, os.cpu_count() or 1)  # streams coded at once (each holds one tensor in memory)
+# Streams coded past the one being written: a large tensor (an embedding) no longer idles the
+# other thread. A 1.16 GB int4 decoder encoded in 17.1 s two ahead, 12.6-13.6 s sixteen ahead
+# (same bytes; 0.1 GB more memory, the small tensors' coded streams).
+CODING_AHEAD = 8 * CODING_THREADS
 
 
 # ---- walking every tensor ----------------------------------------------------------------
@@ -178,19 +182,22 @@ def _varint_size(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
-def _in_order(jobs: list, workers: int) -> Iterator:
-    """Run the jobs on `workers` threads, at most `workers` ahead of the one being consumed, and
-    yield their results in order (the streams are written in order; memory holds `workers` tensors)."""
+def _in_order(jobs: list, workers: int, ahead: int | None = None) -> Iterator:
+    """Run the jobs on `workers` threads and yield their results in order (streams are written in
+    order). At most `ahead` jobs (default `workers`) are submitted past the one being consumed:
+    memory holds that many results, and a long job no longer leaves the other threads idle once
+    they are `ahead` jobs past it."""
+    ahead = workers if ahead is None else max(ahead, workers)
     if workers <= 1 or len(jobs) <= 1:
         yield from (job() for job in jobs)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(workers) as pool:
-        pending = [pool.submit(job) for job in jobs[:workers]]
+        pending = [pool.submit(job) for job in jobs[:ahead]]
         for i in range(len(jobs)):
             result = pending[i].result()
             pending[i] = None  # (its tensor can go)
-            if i + workers < len(jobs):
-                pending.append(pool.submit(jobs[i + workers]))
+            if i + ahead < len(jobs):
+                pending.append(pool.submit(jobs[i + ahead]))
             yield result

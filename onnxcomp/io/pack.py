@@ -22,10 +22,31 @@ from onnxcomp.errors import InputError, OutputError
 from onnxcomp.io import coding
 from onnxcomp.io.coding import tables as shared_tables
 from onnxcomp.io.coding.io import Writer
-from onnxcomp.io.format import (BUNDLE_CAP, BUNDLE_MAX, BUNDLE_ROW, CODING_THREADS, FIELDS, FIT_STREAMS, MAGIC,
-                                RANS_MARGIN, RECODE_MAX, SECTION_BROTLI_MAX, SLOW_CODERS_MAX, STORAGE_CODE, T,
-                                UNSIGNED, VERSION, _element_count, _in_order, _Member, _payload, _Stream,
-                                _varint_size, all_tensors)
+from onnxcomp.io.format import (
+    BUNDLE_CAP,
+    BUNDLE_MAX,
+    BUNDLE_ROW,
+    CODING_AHEAD,
+    CODING_THREADS,
+    FIELDS,
+    FIT_STREAMS,
+    MAGIC,
+    RANS_MARGIN,
+    RECODE_MAX,
+    SECTION_BROTLI_MAX,
+    SLOW_CODERS_MAX,
+    STORAGE_CODE,
+    UNSIGNED,
+    VERSION,
+    T,
+    _element_count,
+    _in_order,
+    _Member,
+    _payload,
+    _Stream,
+    _varint_size,
+    all_tensors,
+)
 
 
 def pack_proto(proto: onnx.ModelProto, coder: str = "auto") -> tuple[bytes, dict[str, Any]]:
@@ -245,7 +266,7 @@ def pack_to(proto: onnx.ModelProto, out: BinaryIO, coder: str = "auto", *, owned
 
         jobs = [functools.partial(code_alone, index) for index in alone] + \
             [functools.partial(code_bundle, indices) for indices in bundles]
-        for result in _in_order(jobs, CODING_THREADS):
+        for result in _in_order(jobs, CODING_THREADS, CODING_AHEAD):
             record(*result)
         for stream in streams:
             for m in stream.members:

@@ -18,9 +18,26 @@ from onnxcomp.errors import InputError, OutputError
 from onnxcomp.io import coding
 from onnxcomp.io.coding import tables as shared_tables
 from onnxcomp.io.coding.io import CorruptStream, Reader, Writer
-from onnxcomp.io.format import (BUNDLE_ROW, CODING_THREADS, FIELDS, MAGIC, MAX_DECODED, PACKED_FIXED, PLAIN_TYPES,
-                                READS, STORAGE, STORAGE_DTYPE, TABLES_CAP, T, _element_count, _in_order, _Member,
-                                _raw_nbytes, _Stream, all_tensors)
+from onnxcomp.io.format import (
+    BUNDLE_ROW,
+    CODING_THREADS,
+    FIELDS,
+    MAGIC,
+    MAX_DECODED,
+    PACKED_FIXED,
+    PLAIN_TYPES,
+    READS,
+    STORAGE,
+    STORAGE_DTYPE,
+    TABLES_CAP,
+    T,
+    _element_count,
+    _in_order,
+    _Member,
+    _raw_nbytes,
+    _Stream,
+    all_tensors,
+)
 
 
 def unpack_bytes(data: bytes | memoryview, where: str = "packed model",

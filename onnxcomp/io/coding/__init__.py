@@ -25,7 +25,9 @@ from onnxcomp.io.coding import planes as _planes
 from onnxcomp.io.coding import tables as _tables
 from onnxcomp.io.coding import tensor as _tensor
 from onnxcomp.io.coding.io import CorruptStream
-from onnxcomp.io.coding.tensor import CODERS, decode as decode_tensor, encode as encode_tensor
+from onnxcomp.io.coding.tensor import CODERS
+from onnxcomp.io.coding.tensor import decode as decode_tensor
+from onnxcomp.io.coding.tensor import encode as encode_tensor
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE, onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}

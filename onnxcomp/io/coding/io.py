@@ -10,7 +10,6 @@ import struct
 
 from onnxcomp.errors import InputError
 
-
 U32, U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 

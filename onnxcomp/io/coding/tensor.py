@@ -15,7 +15,8 @@ import threading
 
 import numpy as np
 
-from onnxcomp.io.coding import models, planes as P
+from onnxcomp.io.coding import models
+from onnxcomp.io.coding import planes as P
 from onnxcomp.io.coding.io import CorruptStream, Reader, Writer
 from onnxcomp.io.coding.tables import UNCODABLE, row_costs
 
