@@ -152,3 +152,26 @@ def test_saving_over_the_input_keeps_the_open_model_right(tmp_path):
     assert again["b0_half"] != expected["b0_half"]
     assert {k: v for k, v in again.items() if k != "b0_half"} == {k: v for k, v in expected.items() if k != "b0_half"}
 
+
+
+def test_a_large_packed_session_goes_through_a_removed_unpacked_file(tmp_path, monkeypatch):
+    """Past SESSION_VIA_FILE decoded bytes, container.session unpacks to a temporary external-data
+    model for ORT (which copies the weights anyway) instead of handing it a second copy in memory:
+    the same logits, and no temporary folder left behind."""
+    import tempfile
+
+    path = decoder.build(tmp_path / "m.onnx", "300M")
+    container.pack(path, tmp_path / "m.onnxc")
+    feed = {"input_ids": np.array([[17, 5]], np.int64)}
+    in_memory = container.session(tmp_path / "m.onnxc").run(None, feed)[0]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(container, "SESSION_VIA_FILE", 1)
+    unpacked = []
+    real_unpack = container.unpack
+    monkeypatch.setattr(container, "unpack", lambda *a, **k: unpacked.append(a[1]) or real_unpack(*a, **k))
+    through_file = container.session(tmp_path / "m.onnxc").run(None, feed)[0]
+    assert len(unpacked) == 1 and unpacked[0].parent.parent == tmp_path / "tmp"
+    assert np.array_equal(in_memory, through_file)
+    assert np.array_equal(through_file, bench.ort_logits(path, [17, 5]))
+    assert not list((tmp_path / "tmp").iterdir())
