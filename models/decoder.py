@@ -8,7 +8,7 @@
 
 The shapes are Llama's (head size 128, MLP width ~2.7x, vocabulary 32000); the hidden size is the
 largest of 512/1024/2048/4096 that leaves at least 8 blocks, and the block count fills `--size`
-(30G: hidden 4096, 35 blocks, the Llama-2-7B shape one block longer: 29.4 GB). No rotary
+(30G: hidden 4096, 36 blocks, the Llama-2-7B shape four blocks longer: 30.2 GB). No rotary
 embedding: it has no weights and changes nothing for the passes. Weights are float32, drawn one
 tensor at a time and appended to `OUT.onnx.data`, so building never holds more than one tensor
 (the 524 MB lm_head at 30G). The residual projections (o, down) are scaled by 1/sqrt(2 * blocks),
@@ -64,11 +64,12 @@ def mlp_width(hidden: int) -> int:
 
 
 def shape_for(size: int) -> Shape:
-    """The widest Llama-like shape whose blocks fill `size` bytes with at least MIN_BLOCKS blocks."""
+    """The widest Llama-like shape with at least MIN_BLOCKS blocks whose weights reach `size`
+    bytes (blocks rounded up: --size 30G is at least 30 GB)."""
     for hidden in (4096, 2048, 1024, 512):
         base = Shape(hidden, mlp_width(hidden), 0)
         per_block = Shape(hidden, base.mlp, 1).weight_bytes() - base.weight_bytes()
-        blocks = (size - base.weight_bytes()) // per_block
+        blocks = -(-(size - base.weight_bytes()) // per_block)
         if blocks >= MIN_BLOCKS or hidden == 512:
             return Shape(hidden, base.mlp, max(1, int(blocks)))
     raise AssertionError("unreachable")

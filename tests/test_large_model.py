@@ -93,7 +93,8 @@ def test_the_decoder_matches_its_numpy_reference(tmp_path):
     assert np.max(np.abs(one - reference)) < 1e-4 * np.max(np.abs(reference))
     three = bench.ort_logits(path, [17, 5, 9])[0]
     assert np.array_equal(three[0], one) and not np.allclose(three[1], three[2])
-    assert decoder.shape_for(decoder.parse_size("30G")) == decoder.Shape(4096, 11008, 35)
+    assert decoder.shape_for(decoder.parse_size("30G")) == decoder.Shape(4096, 11008, 36)
+    assert decoder.Shape(4096, 11008, 36).weight_bytes() >= 30e9
 
 
 def test_pruned_weights_of_an_external_model_are_spilled_to_disk(tmp_path):
