@@ -102,25 +102,23 @@ class Model:
         every weight."""
         if not weights:
             with _weights_as_stubs(self, lambda const, stub: _point_nowhere(stub, const)):
-                return self.to_proto()
-        if not getattr(self, "_exporting", False):
-            # The weights go into the exported proto once, by hand: graphsurgeon's export copies
-            # each one twice (into the graph, then the graph into the model), a third of the
-            # time `fold, cleanup, fuse` took on MiniLM.
-            stubbed: dict[str, gs.Constant] = {}
-            self._exporting = True
-            try:
-                with _weights_as_stubs(self, lambda const, stub: stubbed.setdefault(const.name, const)):
-                    proto = self.to_proto()
-            finally:
-                self._exporting = False
-            for tensor in proto.graph.initializer:
-                const = stubbed.get(tensor.name)
-                if const is not None:
-                    tensor.ClearField("data_location")
-                    del tensor.external_data[:]
-                    tensor.raw_data = _data_bytes(const)
-            return proto
+                return self._export()
+        # The weights go into the exported proto once, by hand: graphsurgeon's export copies each
+        # one twice (into the graph, then the graph into the model), a third of the time
+        # `fold, cleanup, fuse` took on MiniLM.
+        stubbed: dict[str, gs.Constant] = {}
+        with _weights_as_stubs(self, lambda const, stub: stubbed.setdefault(const.name, const)):
+            proto = self._export()
+        for tensor in proto.graph.initializer:
+            const = stubbed.get(tensor.name)
+            if const is not None:
+                tensor.ClearField("data_location")
+                del tensor.external_data[:]
+                tensor.raw_data = _data_bytes(const)
+        return proto
+
+    def _export(self) -> onnx.ModelProto:
+        """graphsurgeon's export of the graph, with the model's own fields restored."""
         toposort(self.graph)
         opsets = dict(self.opset_imports)
         opsets[""] = self.graph.opset  # a pass may have upgraded the default-domain opset
