@@ -271,27 +271,33 @@ def _list_initializers_as_inputs(graph: onnx.GraphProto, only: set[str] | None =
 # ---- loading --------------------------------------------------------------------------
 def load(source: str | os.PathLike | onnx.ModelProto | bytes | Model) -> Model:
     """Load a model from a path, bytes, a ModelProto or a Model (returned as is)."""
+    return load_with_proto(source)[0]
+
+
+def load_with_proto(source) -> tuple[Model, onnx.ModelProto | None]:
+    """`load`, and the protobuf the Model was read from (None for a Model given as is): its
+    graph is the input as given, so facts about the input need no export of the Model."""
     if isinstance(source, Model):
-        return source
+        return source, None
     if isinstance(source, onnx.ModelProto):
-        return Model.from_proto(source)
+        return Model.from_proto(source), source
     if isinstance(source, (bytes, bytearray)):
         proto = parse_model_bytes(bytes(source), "the given bytes")
         refuse_external_references(proto, "the given bytes")
-        return Model.from_proto(proto)
+        return Model.from_proto(proto), proto
     path = Path(source)
     if str(path).endswith(".onnxc"):
         from onnxcomp.io import container  # the packed format lives in its own module
 
         proto = container.read_packed_proto(path)
         refuse_external_references(proto, str(path))
-        return Model.from_proto(proto, path)
+        return Model.from_proto(proto, path), proto
     deferred: dict[str, tuple[Path, int, int]] = {}
     proto = load_proto(path, defer=deferred)
     model = Model.from_proto(proto, path)
     if deferred:
         _attach_external_values(model, proto, deferred)
-    return model
+    return model, proto
 
 
 def load_proto(path: Path, defer: dict | None = None) -> onnx.ModelProto:

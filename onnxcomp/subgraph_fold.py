@@ -77,6 +77,45 @@ def _local_facts(graph: onnx.GraphProto) -> dict:
     return facts
 
 
+def model_facts(model) -> dict[int, dict]:
+    """`scoped_facts` of the model as it is now, kept on the model and reused while nothing that
+    shape inference reads has changed: fold's last round, cleanup and fuse often ask about the
+    same graph, and each answer costs an export (a third of the lossless passes' time)."""
+    key = _fingerprint(model)
+    cached = getattr(model, "_facts_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    facts = scoped_facts(model.to_proto(weights=False), model.graph)
+    model._facts_cache = (key, facts)
+    return facts
+
+
+def _fingerprint(model) -> tuple:
+    """Everything onnx shape inference reads, by identity and value: opsets; each graph's inputs,
+    outputs and nodes in order; each node's op, attributes and tensors; each tensor's name, type,
+    shape and (constants) value object. Passes replace a Constant's values, never edit them."""
+    parts: list = [tuple(sorted(model.opset_imports.items())), model.graph.opset, model.ir_version]
+
+    def tensor(t) -> tuple:
+        shape = tuple(t.shape) if t.shape is not None else None
+        return id(t), t.name, str(t.dtype), shape, id(getattr(t, "_values", None))
+
+    def attribute(value):
+        if isinstance(value, gs.Graph):
+            return id(value)
+        if isinstance(value, gs.Tensor):
+            return tensor(value)
+        return value if isinstance(value, (int, float, str, bytes)) else repr(value)
+
+    for scope_graph in (s.graph for s in scopes(model.graph)):
+        parts.append((id(scope_graph), tuple(map(tensor, scope_graph.inputs)), tuple(map(tensor, scope_graph.outputs))))
+        for node in scope_graph.nodes:
+            parts.append((id(node), node.op, node.domain, tuple(map(tensor, node.inputs)),
+                          tuple(map(tensor, node.outputs)),
+                          tuple((k, attribute(v)) for k, v in node.attrs.items()) if node.attrs else ()))
+    return tuple(parts)
+
+
 def scoped_facts(proto: onnx.ModelProto, graph: gs.Graph) -> dict[int, dict]:
     """id(graph or subgraph) -> {tensor name: (elem_type, shape)} visible in that graph.
 

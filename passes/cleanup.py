@@ -98,7 +98,7 @@ class Cleanup(Pass):
         if not work:
             return
         needs = any(n.op in NEEDS_FACTS for _, nodes in work for n in nodes)
-        facts = sf.scoped_facts(model.to_proto(weights=False), graph) if needs else {}
+        facts = sf.model_facts(model) if needs else {}
         for scope_graph, candidates in work:
             known = facts.get(id(scope_graph), {})
             for node in candidates:

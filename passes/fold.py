@@ -126,7 +126,7 @@ class Fold(Pass):
     # ---- Shape / Size of statically shaped tensors --------------------------------------
     def _fold_shapes(self, model, stats: Counter, guard_ifs: bool) -> int:
         graph = model.graph
-        facts = sf.scoped_facts(model.to_proto(weights=False), graph)  # shapes only: no copy of the weights
+        facts = sf.model_facts(model)  # shapes only: no copy of the weights
         guarded = _if_condition_ancestors(graph)
         runtime = sf.overridable(graph, model.initializer_inputs)
         total = 0

@@ -109,7 +109,7 @@ class Fuse(Pass):
         """Shape-inference facts of `graph`'s tensors, inferred once per run (no weights exported)."""
         if self._facts is None:
             model.graph.cleanup(remove_unused_graph_inputs=False)  # drop emptied nodes before inference
-            self._facts = sf.scoped_facts(model.to_proto(weights=False), model.graph)
+            self._facts = sf.model_facts(model)
         return self._facts.get(id(graph))
 
 

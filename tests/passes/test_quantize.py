@@ -226,10 +226,15 @@ def test_embedding_tables_become_int8_rows_with_a_scale_each_and_stay_accurate()
     tables = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
     assert any(v.dtype == np.int8 and v.shape == (500, 64) for v in tables.values())
     assert not any(v.dtype == np.float32 and v.shape == (500, 64) for v in tables.values())
-    before, after = make_session(proto), make_session(out)
+    # the MatMul's activations are quantized per tensor in both runs (rows 300x apart in size
+    # cost that quantization ~0.5 % cosine): the int8 table itself must add almost nothing to it
+    float_table, _, _ = run_pass(proto, data, latency_check=False, embeddings=False)
+    before, after, reference = make_session(proto), make_session(out), make_session(float_table.to_proto())
+    cosine = lambda a, b: (a.ravel() @ b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
     for feed in data:
-        ref, got = before.run(None, feed)[0], after.run(None, feed)[0]
-        assert (ref.ravel() @ got.ravel()) / np.linalg.norm(ref) / np.linalg.norm(got) > 0.999
+        ref, got, same_matmul = before.run(None, feed)[0], after.run(None, feed)[0], reference.run(None, feed)[0]
+        assert cosine(same_matmul, got) > 0.9995
+        assert cosine(ref, got) > cosine(ref, same_matmul) - 0.001
 
 
 def test_embedding_rows_are_within_half_a_step_of_their_own_scale():
