@@ -29,13 +29,13 @@ from onnxcomp import hessian as hs
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.errors import SpecError
 from onnxcomp.quant import lowbit, mixed
-from onnxcomp.quant.gptq import Quantized, factor, quantize
+from onnxcomp.quant.gptq import ENTROPY_GRID_BITS, Quantized, factor, quantize
 from onnxcomp.quant.qdq import NodeBuilder
 from onnxcomp.registry import register
 
 SPARSE_MAX_BITS = 4
 REFERENCE_BITS = 3  # the choice whose whole-model error is measured (well above noise, below breakage)
-BACKOFF = 0.85  # each back-off asks for 15 % less compression
+BACKOFF = 0.9  # each back-off asks for 10 % less compression
 
 
 @register
@@ -59,9 +59,14 @@ class Gptq(Pass):
         ops: tuple[str, ...] = param(("Conv", "Gemm", "MatMul", "Gather"), "op types whose weights are quantized "
                                      "(Gather: embedding tables)")
         exclude: tuple[str, ...] = param((), "node or initializer names (fnmatch) kept in float")
-        min_size: int = param(256, "weights with fewer elements stay in float", min=0)
+        min_size: int = param(256, "weights with fewer elements stay in float, unless they hold 1 % of all the weights "
+                                           "quantized", min=0)
         form: str = param("auto", "auto: MatMulNBits where it applies, else the folded form; fold: folded only",
                           choices=("auto", "fold"))
+        grid: str = param("minmax", "minmax: 2**bits levels over each group's (searched) range; entropy: at up to "
+                                    "5 bits, one step per row, sized so the codes carry about `bits` bits of "
+                                    "entropy, all of uint8's levels (for .onnxc: fewer coded bytes at the same "
+                                    "error; folded form)", choices=("minmax", "entropy"))
         sparsity: float = param(0.0, "fraction of each weight pruned jointly with the rounding (SparseGPT)",
                                 min=0.0, max=0.95)
         choices: tuple[int, ...] = param((), "bit widths to choose from per layer (mixed precision)")
@@ -83,7 +88,7 @@ class Gptq(Pass):
                 raise SpecError("gptq: choices needs target_ratio or max_error (what the widths are chosen for)")
 
     def backoff(self):
-        """For the accuracy gate: 15 % less compression (mixed), or one more bit (fixed)."""
+        """For the accuracy gate: 10 % less compression (mixed), or one more bit (fixed)."""
         cfg = self.config
         if cfg.choices:
             if cfg.target_ratio:
@@ -107,6 +112,8 @@ class Gptq(Pass):
         factors: dict[str, tuple] = {}
 
         def form(target: lowbit.Target, bits: int) -> str:
+            if self._grid(bits) == "entropy":
+                return "fold"
             group = cfg.group_size if target.groupable() else 0
             return "nbits" if cfg.form == "auto" and target.nbits_ready(bits, group) else "fold"
 
@@ -164,6 +171,9 @@ class Gptq(Pass):
         return PassResult(True, stats)
 
     # ---- helpers -------------------------------------------------------------------------
+    def _grid(self, bits: int) -> str:
+        return "entropy" if self.config.grid == "entropy" and bits <= ENTROPY_GRID_BITS else "minmax"
+
     def _group(self, target: lowbit.Target, form: str) -> int:
         """Columns per grid. MatMulNBits pads K to whole blocks; the folded form needs groups that
         divide K (no padding, so no Slice, which old opsets lack): the largest divisor of K up to
@@ -181,7 +191,8 @@ class Gptq(Pass):
         w = np.asarray(target.weight.values, np.float32)
         rows = target.to_rows(w)
         parts = [quantize(rows[g], bits, group, None if h is None else h[g], cfg.symmetric, cfg.act_order,
-                          percdamp=cfg.damp, sparsity=sparsity, factored=None if factored is None else factored[g])
+                          percdamp=cfg.damp, sparsity=sparsity, factored=None if factored is None else factored[g],
+                          grid=self._grid(bits))
                  for g in range(len(rows))]
         if len(parts) == 1:
             return parts[0]
@@ -190,7 +201,7 @@ class Gptq(Pass):
 
     def _table_key(self, targets) -> str:
         cfg = self.config
-        return (f"gptq-table:{cfg.choices}:{cfg.sparsities or (cfg.sparsity,)}:{cfg.group_size}:{cfg.symmetric}:"
+        return (f"gptq-table:{cfg.choices}:{cfg.sparsities or (cfg.sparsity,)}:{cfg.group_size}:{cfg.symmetric}:{cfg.grid}:"
                 f"{cfg.act_order}:{cfg.damp}:{cfg.samples}:{cfg.form}:{cfg.eval_samples}:{cfg.measure_every}:"
                 + "|".join(t.name for t in targets))
 

@@ -80,6 +80,30 @@ def fit_grid(w: np.ndarray, bits: int, symmetric: bool = False, weights: np.ndar
     return best_scale.astype(np.float32), best_zero.astype(np.uint8)
 
 
+ENTROPY_GRID_BITS = 5  # the entropy grid's widest choice: wider ones would clip at uint8's 255 levels
+ENTROPY_ZERO = 128
+
+
+def entropy_step(bits: float) -> float:
+    """The entropy grid's step, in units of the row's RMS, at which round-to-nearest codes of
+    Gaussian weights carry about `bits` bits of entropy (h(N(0,1)) = 2.05 bits - log2 step)."""
+    return float(2.0 ** (2.05 - bits))
+
+
+def fit_entropy_grid(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero) per row of w [rows, n] for entropy-coded storage: one uniform step per row,
+    `entropy_step(bits)` times the row's RMS, zero in the middle of uint8's range and no clipping
+    short of it. The container entropy-codes the codes, so a level that is rarely used costs
+    little: unlike a min/max grid of 2**bits levels, no resolution goes to the rare large weights,
+    and at the same coded bytes the error is lower (measured on MiniLM's word embeddings: 3 bits,
+    groups of 128: 0.046 relative squared error at 2.87 bits per weight coded; this grid: 0.041 at
+    2.63)."""
+    w = np.asarray(w, np.float64)
+    rms = np.sqrt(np.mean(w * w, axis=1))
+    scale = short_mantissa(np.where(rms > 0, rms * entropy_step(bits), 1.0))
+    return scale.astype(np.float32), np.full(len(w), ENTROPY_ZERO, np.uint8)
+
+
 def _round(col: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: int, pruned: np.ndarray | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
     q = np.clip(np.rint(col / scale) + zero, 0, maxq)
@@ -107,8 +131,11 @@ def _prune_block(w1: np.ndarray, d: np.ndarray, pruned: np.ndarray, sparsity: fl
 
 def quantize(w: np.ndarray, bits: int, group: int = 0, h: np.ndarray | None = None, symmetric: bool = False,
              act_order: bool = True, blocksize: int = 128, percdamp: float = 0.01, sparsity: float = 0.0,
-             factored: tuple[np.ndarray, np.ndarray] | None = None) -> Quantized:
+             factored: tuple[np.ndarray, np.ndarray] | None = None, grid: str = "minmax") -> Quantized:
     """Quantize w [rows, cols] to `bits` with groups of `group` columns (0: one group per row).
+
+    `grid="entropy"`: one uniform grid per row for entropy-coded storage (fit_entropy_grid; `group`
+    and `symmetric` do not apply, codes use uint8's whole range).
 
     With a Hessian h [cols, cols], GPTQ; without, round-to-nearest on the same grid. Weights that
     are exactly zero (pruned before) stay exactly zero; with `sparsity`, that fraction of every
@@ -123,15 +150,19 @@ def quantize(w: np.ndarray, bits: int, group: int = 0, h: np.ndarray | None = No
             pruned.flat[np.argpartition(np.where(pruned, np.inf, np.abs(w)).ravel(), count - 1)[:count]] = True
         w[pruned] = 0.0
     rows, cols = w.shape
-    group = group if 0 < group < cols else cols
+    entropy = grid == "entropy"
+    group = group if 0 < group < cols and not entropy else cols
     groups = -(-cols // group)
-    maxq = 2**bits - 1
+    maxq = 255 if entropy else 2**bits - 1
     codes = np.zeros((rows, cols), np.uint8)
     scale = np.ones((rows, groups), np.float32)
     zero = np.zeros((rows, groups), np.uint8)
     diag = np.diag(h) if h is not None else None
 
     def fit(g: int, block: np.ndarray) -> None:
+        if entropy:
+            scale[:, g], zero[:, g] = fit_entropy_grid(block, bits)
+            return
         cols_of_g = slice(g * group, min((g + 1) * group, cols))
         scale[:, g], zero[:, g] = fit_grid(block, bits, symmetric, None if diag is None else diag[cols_of_g])
 
