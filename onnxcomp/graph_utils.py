@@ -29,12 +29,17 @@ def has_subgraph(node: gs.Node) -> bool:
                for v in node.attrs.values())
 
 
-def subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
+def subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """The node's graph attributes (If branches, Loop/Scan bodies, a custom op's graphs). Called for
+    every node by each walk over the graph, so it looks at a list's first element only (a GRAPHS
+    attribute holds graphs alone) and returns a list, not a generator."""
+    found: list[gs.Graph] = []
     for value in node.attrs.values():
         if isinstance(value, gs.Graph):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            yield from (v for v in value if isinstance(v, gs.Graph))
+            found.append(value)
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], gs.Graph):
+            found.extend(value)
+    return found
 
 
 def iter_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
@@ -57,15 +62,16 @@ def toposort(graph: gs.Graph) -> gs.Graph:
     if graph.functions:
         return graph.toposort()
     nodes = list(graph.nodes)
-    for node in nodes:
-        for sub in subgraphs(node):
+    subs = [subgraphs(node) if node.attrs else () for node in nodes]
+    for inner in subs:
+        for sub in inner:
             toposort(sub)
     producer = {id(t): i for i, node in enumerate(nodes) for t in node.outputs if t.name}
     users: list[list[int]] = [[] for _ in nodes]
     waiting = [0] * len(nodes)
     for i, node in enumerate(nodes):
         reads = [t for t in node.inputs if t.name]
-        for sub in subgraphs(node):  # outer tensors read inside a subgraph are inputs of the node
+        for sub in subs[i]:  # outer tensors read inside a subgraph are inputs of the node
             reads += [t for inner in iter_nodes(sub) for t in inner.inputs if t.name]
         deps = {producer[id(t)] for t in reads if id(t) in producer}
         waiting[i] = len(deps)

@@ -160,8 +160,19 @@ class Model:
         return int(self.graph.opset)
 
     def initializers(self) -> dict[str, gs.Constant]:
-        """Every Constant tensor of the main graph by name (nodes' inputs only)."""
-        return {t.name: t for t in self.graph.tensors().values() if isinstance(t, gs.Constant)}
+        """Every Constant tensor of the main graph by name, as graphsurgeon's `graph.tensors()` finds
+        them (graph inputs, nodes' inputs and outputs, graph outputs; a later tensor of the same
+        name wins), without building its map of every tensor: the pipeline asks twice per pass."""
+        graph = self.graph
+
+        def walk():
+            yield from graph.inputs
+            for node in graph.nodes:
+                yield from node.inputs
+                yield from node.outputs
+            yield from graph.outputs
+
+        return {t.name: t for t in walk() if isinstance(t, gs.Constant) and t.name}
 
     def summary(self) -> dict[str, int]:
         """Counts used by the per-pass report: nodes, initializers and parameter bytes."""

@@ -95,24 +95,32 @@ def _fingerprint(model) -> tuple:
     outputs and nodes in order; each node's op, attributes and tensors; each tensor's name, type,
     shape and (constants) value object. Passes replace a Constant's values, never edit them."""
     parts: list = [tuple(sorted(model.opset_imports.items())), model.graph.opset, model.ir_version]
-
-    def tensor(t) -> tuple:
-        shape = tuple(t.shape) if t.shape is not None else None
-        return id(t), t.name, str(t.dtype), shape, id(getattr(t, "_values", None))
+    tensors: dict[int, gs.Tensor] = {}
 
     def attribute(value):
         if isinstance(value, gs.Graph):
             return id(value)
         if isinstance(value, gs.Tensor):
-            return tensor(value)
+            tensors[id(value)] = value
+            return id(value)
         return value if isinstance(value, (int, float, str, bytes)) else repr(value)
 
     for scope_graph in (s.graph for s in scopes(model.graph)):
-        parts.append((id(scope_graph), tuple(map(tensor, scope_graph.inputs)), tuple(map(tensor, scope_graph.outputs))))
+        for t in (*scope_graph.inputs, *scope_graph.outputs):
+            tensors[id(t)] = t
+        parts.append((id(scope_graph), tuple(map(id, scope_graph.inputs)), tuple(map(id, scope_graph.outputs))))
         for node in scope_graph.nodes:
-            parts.append((id(node), node.op, node.domain, tuple(map(tensor, node.inputs)),
-                          tuple(map(tensor, node.outputs)),
+            ins, outs = node.inputs, node.outputs
+            for t in ins:
+                tensors[id(t)] = t
+            for t in outs:
+                tensors[id(t)] = t
+            parts.append((id(node), node.op, node.domain, tuple(map(id, ins)), tuple(map(id, outs)),
                           tuple((k, attribute(v)) for k, v in node.attrs.items()) if node.attrs else ()))
+    for key, t in tensors.items():
+        shape = t.shape
+        parts.append((key, t.name, t.dtype, tuple(shape) if shape is not None else None,
+                      id(t.__dict__.get("_values"))))
     return tuple(parts)
 
 

@@ -63,6 +63,13 @@ class Scope:
         return self.path or "main"
 
 
+# common standard ops whose attributes are never graphs (the walk below runs for every node, often)
+NO_GRAPH_ATTRIBUTES = frozenset({"Conv", "ConvTranspose", "Gemm", "MaxPool", "AveragePool", "Transpose", "Concat",
+                                 "Gather", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Slice", "Softmax", "Resize",
+                                 "BatchNormalization", "LayerNormalization", "Constant", "Split", "ReduceMean",
+                                 "Flatten", "LeakyRelu", "Clip", "Pad", "ConstantOfShape", "Shape"})
+
+
 def scopes(graph: gs.Graph) -> list[Scope]:
     """The main graph, then every subgraph (depth first, outer before inner)."""
     out: list[Scope] = []
@@ -70,9 +77,11 @@ def scopes(graph: gs.Graph) -> list[Scope]:
     def walk(scope: Scope) -> None:
         out.append(scope)
         for node in scope.graph.nodes:
+            if not node.attrs or (node.op in NO_GRAPH_ATTRIBUTES and node.domain in ("", "ai.onnx")):
+                continue
             for key, value in node.attrs.items():
-                subs = [value] if isinstance(value, gs.Graph) else \
-                    [v for v in value if isinstance(v, gs.Graph)] if isinstance(value, (list, tuple)) else []
+                subs = [value] if isinstance(value, gs.Graph) else list(value) \
+                    if isinstance(value, (list, tuple)) and value and isinstance(value[0], gs.Graph) else []
                 for i, sub in enumerate(subs):
                     name = f"{node.name or node.op}/{key}" + (f"[{i}]" if len(subs) > 1 else "")
                     walk(Scope(sub, f"{scope.path}/{name}" if scope.path else name, node, scope))
