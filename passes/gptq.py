@@ -69,7 +69,9 @@ class Gptq(Pass):
                                     "error; folded form)", choices=("minmax", "entropy"))
         sparsity: float = param(0.0, "fraction of each weight pruned jointly with the rounding (SparseGPT)",
                                 min=0.0, max=0.95)
-        choices: tuple[int, ...] = param((), "bit widths to choose from per layer (mixed precision)")
+        choices: tuple[int | float, ...] = param((), "bit widths to choose from per layer (mixed precision); "
+                                                     "with grid=entropy, halves up to 5 bits too (2.5: a step "
+                                                     "between 2 and 3 bits, dense only)")
         sparsities: tuple[float, ...] = param((), "with choices: sparsities to choose from per layer at widths up to 4 bits (default: sparsity)")
         target_ratio: float = param(0.0, "with choices: packed weight bytes at most float32 bytes / this", min=0.0)
         max_error: float = param(0.0, "with choices: fewest bytes with summed measured output error at most this "
@@ -84,6 +86,10 @@ class Gptq(Pass):
                 raise SpecError("gptq: parameter sparsities must be fractions between 0 and 0.95")
             if any(not 2 <= b <= 8 for b in self.choices):
                 raise SpecError("gptq: parameter choices must be bit widths between 2 and 8")
+            fractional = [b for b in self.choices if float(b) != int(b)]
+            if fractional and (self.grid != "entropy" or any(b > ENTROPY_GRID_BITS for b in fractional)):
+                raise SpecError(f"gptq: fractional choices ({', '.join(f'{b:g}' for b in fractional)}) need "
+                                f"grid=entropy and at most {ENTROPY_GRID_BITS} bits (a min/max grid has 2**bits levels)")
             if self.choices and not (self.target_ratio or self.max_error):
                 raise SpecError("gptq: choices needs target_ratio or max_error (what the widths are chosen for)")
 
@@ -134,7 +140,7 @@ class Gptq(Pass):
             budget = int(fp32 / cfg.target_ratio) if cfg.target_ratio else None
             picked = mixed.choose(table, budget, cfg.max_error or None)
             chosen = {t.name: (picked[t.name].bits, picked[t.name].sparsity) for t in targets}
-            stats["measured"] = {name: {f"{c.bits}b/{c.sparsity:g}": {"bytes": c.nbytes, "error": c.error} for c in cs}
+            stats["measured"] = {name: {f"{c.bits:g}b/{c.sparsity:g}": {"bytes": c.nbytes, "error": c.error} for c in cs}
                                  for name, cs in table.items()}
             stats["estimated_error"] = sum(picked[t.name].error for t in targets)
         else:
@@ -249,7 +255,8 @@ class Gptq(Pass):
         cfg = self.config
         if not cfg.sparsities:
             return (cfg.sparsity,)
-        return cfg.sparsities if bits <= SPARSE_MAX_BITS else (min(cfg.sparsities),)
+        # (a half-bit width is there to refine the dense steps between whole widths)
+        return cfg.sparsities if bits <= SPARSE_MAX_BITS and float(bits).is_integer() else (min(cfg.sparsities),)
 
     @staticmethod
     def _stored_float(target: lowbit.Target, q: Quantized) -> np.ndarray:

@@ -35,7 +35,7 @@ class Quantized:
     codes: np.ndarray  # uint8 [rows, cols], values in [0, 2**bits - 1]
     scale: np.ndarray  # float32 [rows, groups]
     zero: np.ndarray  # uint8 [rows, groups]
-    bits: int
+    bits: float  # an int but for the entropy grid's half widths
     group: int  # columns per group (the last one may be short)
 
     def group_of_columns(self) -> np.ndarray:
@@ -90,7 +90,7 @@ def entropy_step(bits: float) -> float:
     return float(2.0 ** (2.05 - bits))
 
 
-def fit_entropy_grid(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_entropy_grid(w: np.ndarray, bits: float) -> tuple[np.ndarray, np.ndarray]:
     """(scale, zero) per row of w [rows, n] for entropy-coded storage: one uniform step per row,
     `entropy_step(bits)` times the row's RMS, zero in the middle of uint8's range and no clipping
     short of it. The container entropy-codes the codes, so a level that is rarely used costs

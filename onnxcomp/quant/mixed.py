@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Choice:
-    bits: int
+    bits: float  # (an int but for the entropy grid's half widths)
     nbytes: int
     error: float
     sparsity: float = 0.0

@@ -108,6 +108,20 @@ def test_entropy_grid_writes_signed_codes_and_a_scale_per_row_that_ort_runs():
         assert np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got) > 0.98
 
 
+def test_half_bit_widths_sit_between_whole_ones_on_the_entropy_grid_and_need_it():
+    from onnxcomp.errors import SpecError
+
+    model = load(mlp())
+    step = get("gptq")(choices=(2, 2.5, 3), sparsities=(0, 0.5), target_ratio=10, grid="entropy")
+    measured = step.run(model, PassContext(calibration=mlp_feeds())).stats["measured"]
+    for name, table in measured.items():
+        assert "2.5b/0" in table and "2.5b/0.5" not in table  # half widths: dense only
+        assert table["2b/0"]["bytes"] < table["2.5b/0"]["bytes"] < table["3b/0"]["bytes"], name
+        assert table["2b/0"]["error"] > table["2.5b/0"]["error"] > table["3b/0"]["error"], name
+    with pytest.raises(SpecError, match="grid=entropy"):
+        get("gptq")(choices=(2, 2.5), target_ratio=10)
+
+
 def test_joint_pruning_hits_the_sparsity_keeps_zeros_and_compensates(digits_layer):
     w, h = digits_layer
     f = factor(h, True, 0.1)
