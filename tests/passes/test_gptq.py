@@ -216,7 +216,7 @@ def test_mixed_precision_on_the_digits_cnn_meets_its_byte_target_and_reports_eve
     for name, bits in stats["bits_per_layer"].items():
         assert bits in (2, 3, 4, 6, 8) and len(stats["measured"][name]) == 5
     assert entry.evaluate(model.to_proto())["test_acc"] >= before - 0.01
-    assert str(step.backoff()) == "gptq(choices=[2, 3, 4, 6, 8], target_ratio=9.0)"
+    assert str(step.backoff()) == "gptq(choices=[2, 3, 4, 6, 8], target_ratio=8.8)"
 
 
 def test_choices_without_a_target_is_a_spec_error():
