@@ -225,9 +225,11 @@ OUTLINE = "(outline of the input)"
 
 
 def _outline(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The model as given, without its weights: each initializer becomes one element of its
-    rank (what onnx.checker wants), everything else copied by protobuf. For input_specs and
-    check_model, which otherwise need an export of the whole Model."""
+    """The model as given, in the form `Model.to_proto(weights=False)` has (initializers of 1 KiB or
+    more, or external, become stubs that point nowhere; check_model's `_one_element_weights` does
+    the rest), everything else copied by protobuf: input_specs and check_model need no export."""
+    from onnxcomp.model import EXTERNAL_DATA_MIN_BYTES, NOT_LOADED
+
     out = onnx.ModelProto(ir_version=proto.ir_version, producer_name=proto.producer_name)
     out.opset_import.extend(proto.opset_import)
     out.functions.extend(proto.functions)
@@ -236,15 +238,12 @@ def _outline(proto: onnx.ModelProto) -> onnx.ModelProto:
     for field in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(graph, field).extend(getattr(given, field))
     for tensor in given.initializer:
-        stub = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=[1] * len(tensor.dims))
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        except Exception:  # a type numpy has no dtype for (strings): the checker reads no data
-            itemsize = 0
-        if tensor.data_type == onnx.TensorProto.STRING:
-            stub.string_data.append(b"")
-        elif itemsize:
-            stub.raw_data = b"\0" * itemsize
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() < EXTERNAL_DATA_MIN_BYTES:
+            graph.initializer.append(tensor)
+            continue
+        stub = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                     data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value=NOT_LOADED)
     return out
 
 

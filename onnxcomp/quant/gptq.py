@@ -95,9 +95,10 @@ def fit_entropy_grid(w: np.ndarray, bits: float) -> tuple[np.ndarray, np.ndarray
     `entropy_step(bits)` times the row's RMS, zero in the middle of uint8's range and no clipping
     short of it. The container entropy-codes the codes, so a level that is rarely used costs
     little: unlike a min/max grid of 2**bits levels, no resolution goes to the rare large weights,
-    and at the same coded bytes the error is lower (measured on MiniLM's word embeddings: 3 bits,
-    groups of 128: 0.046 relative squared error at 2.87 bits per weight coded; this grid: 0.041 at
-    2.63)."""
+    and at the same coded bytes the error is lower (MiniLM's word embeddings, round-to-nearest: a
+    3-bit min/max grid per 128 weights, 0.046 relative squared error at a code entropy of 2.57 bits
+    plus a scale and zero per 128; this grid at a step of 0.7 RMS, 0.041 at 2.59 bits plus a scale
+    per row of 384)."""
     w = np.asarray(w, np.float64)
     rms = np.sqrt(np.mean(w * w, axis=1))
     scale = short_mantissa(np.where(rms > 0, rms * entropy_step(bits), 1.0))

@@ -103,10 +103,9 @@ def find_targets(model, ops: tuple[str, ...], exclude: tuple[str, ...], min_size
 
 
 def _find_targets(model, ops: tuple[str, ...], exclude: tuple[str, ...]) -> list[Target]:
-    min_size = 1
     layer_ops = tuple(op for op in ops if op in hs.HESSIAN_OPS)
     targets = [Target(layer, layer.weight) for layer in
-               hs.find_weight_layers(model, layer_ops, exclude=exclude, min_params=min_size)] if layer_ops else []
+               hs.find_weight_layers(model, layer_ops, exclude=exclude, min_params=1)] if layer_ops else []
     if "Gather" in ops:
         readers: dict[int, list[tuple[gs.Node, int]]] = {}
         for node in model.graph.nodes:
@@ -123,7 +122,7 @@ def _find_targets(model, ops: tuple[str, ...], exclude: tuple[str, ...]) -> list
             if table in model.graph.outputs or any(n.op != "Gather" or s != 0 for n, s in readers[id(table)]):
                 continue
             values = table.values
-            if np.dtype(values.dtype) != np.float32 or values.ndim != 2 or values.size < max(min_size, 1):
+            if np.dtype(values.dtype) != np.float32 or values.ndim != 2 or values.size < 1:
                 continue
             names = [table.name] + [n.name for n, _ in readers[id(table)]]
             if any(fnmatch.fnmatchcase(n or "", p) for n in names for p in exclude):
