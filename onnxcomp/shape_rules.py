@@ -5,6 +5,16 @@ Casts to int32 and back around the slice (Paddle). With allowzero = 0 a 0 in the
 that dimension of x, so the target is the constant [0, C]: the same output for every input,
 without the Shape/Slice/Cast/Concat chain, and with the output's rank known to shape inference
 (a MatMul + Add after it can then become a Gemm).
+
+A target with one runtime-computed entry among positive constants, e.g. Concat(batch, [512, 256])
+from another tensor's shape (jax2tf), becomes [-1, 512, 256]: wherever the original runs, that
+entry equals numel(x) / 512 / 256, which is what -1 computes (where it would not, the original
+fails with a size mismatch).
+
+Reshape(Reshape(x, s1), s2) with s2 a constant free of 0 -> Reshape(x, s2): a
+Reshape keeps the element order and -1 depends only on the element count, both the same for x.
+(A runtime s2, e.g. Shape(z), is left alone: on an empty z its 0 copies a dimension of the inner
+result, which x may not share.)
 """
 
 from __future__ import annotations
@@ -64,7 +74,9 @@ def _dim_of(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> tuple[gs.Tensor, 
 
 def constant_reshape_targets(graph: gs.Graph, opset: int) -> int:
     """Reshape(x, Concat(parts)) -> Reshape(x, constant) where every part is a constant or
-    Shape(x)[i:i+1] standing at position i (it becomes 0: copy dimension i). Returns how many."""
+    Shape(x)[i:i+1] standing at position i (it becomes 0: copy dimension i), or where one part is
+    a one-element runtime value among positive constants (it becomes -1); and Reshape(Reshape(x,
+    s1), const s2) -> Reshape(x, s2). Returns how many."""
     changed = 0
     _LOCAL[id(graph)] = {id(n) for n in graph.nodes}
     try:
@@ -80,24 +92,77 @@ def _rewrite(graph: gs.Graph, opset: int) -> int:
         if node.op != "Reshape" or not gu.is_standard(node) or len(node.inputs) != 2 or node.attrs.get("allowzero", 0):
             continue
         x, target = node.inputs
-        concat = _producer(target, graph)
+        if _skip_inner_reshape(node, graph):
+            changed += 1
+            continue
+        concat = _int_source(target, graph)
         if concat is None or concat.op != "Concat" or int(concat.attrs.get("axis", 0)) not in (0, -1):
             continue
-        values: list[int] = []
-        copies = 0
-        for part in concat.inputs:
-            known = _const_ints(part, graph)
-            if known is not None:
-                values += known
-                continue
-            dim = _dim_of(part, graph, opset)
-            if dim is None or dim[0] is not x or dim[1] != len(values):
-                break
+        values = _target_values(concat, x, graph, opset)
+        if values is not None:
+            node.inputs[1] = gs.Constant(gu.unique_name(graph, f"{node.name or 'reshape'}_shape"),
+                                         np.array(values, np.int64))
+            changed += 1
+    return changed
+
+
+def _int_source(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The producer of `tensor`, looking through int32 <-> int64 Casts."""
+    node = _producer(tensor, graph)
+    while node is not None and node.op == "Cast" and int(node.attrs.get("to", 0)) in _INT_TYPES:
+        node = _producer(node.inputs[0], graph)
+    return node
+
+
+def _target_values(concat: gs.Node, x: gs.Tensor, graph: gs.Graph, opset: int) -> list[int] | None:
+    """The constant target equal to Concat(parts) for Reshape(x, .), or None (see the module doc)."""
+    values: list[int] = []
+    copies, free = 0, None
+    for part in concat.inputs:
+        known = _const_ints(part, graph)
+        if known is not None:
+            values += known
+            continue
+        dim = _dim_of(part, graph, opset)
+        if dim is not None and dim[0] is x and dim[1] == len(values):
             values.append(0)
             copies += 1
+        elif free is None and _one_element(part, graph, opset):
+            free = len(values)
+            values.append(-1)
         else:
-            if copies:
-                node.inputs[1] = gs.Constant(gu.unique_name(graph, f"{node.name or 'reshape'}_shape"),
-                                             np.array(values, np.int64))
-                changed += 1
-    return changed
+            return None
+    if free is not None:
+        # -1 is exact only beside known positive sizes: a copied or zero dimension could be 0
+        others = values[:free] + values[free + 1:]
+        return values if not copies and all(v >= 1 for v in others) else None
+    return values if copies else None
+
+
+def _one_element(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> bool:
+    """Whether `tensor` is surely a one-element 1-D int tensor: Shape(y)[i:i+1] of any y, or
+    Unsqueeze(Gather(Shape(y), scalar index), [0])."""
+    if _dim_of(tensor, graph, opset) is not None:
+        return True
+    node = _int_source(tensor, graph)
+    if node is None or node.op != "Unsqueeze":
+        return False
+    axes = node.attrs.get("axes") if opset < 13 else (_const_ints(node.inputs[1], graph) if len(node.inputs) > 1 else None)
+    gather = _int_source(node.inputs[0], graph)
+    if axes not in ([0], [-1]) or gather is None or gather.op != "Gather" or len(gather.inputs) != 2:
+        return False
+    index = gu.constant_value(gather.inputs[1]) if gu.is_constant(gather.inputs[1], graph) else None
+    shape = _int_source(gather.inputs[0], graph)
+    return index is not None and index.ndim == 0 and shape is not None and shape.op == "Shape"
+
+
+def _skip_inner_reshape(node: gs.Node, graph: gs.Graph) -> bool:
+    """Reshape(Reshape(x, s1), s2) -> Reshape(x, s2) for a constant s2 without 0."""
+    inner = _producer(node.inputs[0], graph)
+    if inner is None or inner.op != "Reshape" or len(inner.inputs) != 2:
+        return False
+    target = _const_ints(node.inputs[1], graph)
+    if target is None or 0 in target:
+        return False
+    node.inputs[0] = inner.inputs[0]
+    return True

@@ -186,8 +186,9 @@ def test_cleanup_makes_a_keep_the_batch_reshape_target_constant(chain):
     assert same_outputs(proto, model.to_proto(), {"x": x})
 
 
-def test_cleanup_keeps_a_reshape_target_built_from_another_tensors_shape_or_another_position():
-    _, model, result = cleanup('''g (float[N,3,2,2] x, float[M,12] z) => (float[N,12] y, float[N,3,4] w)
+def test_cleanup_turns_one_runtime_size_among_constants_into_minus_one():
+    # jax2tf: the batch taken from another tensor's shape (z), or standing at another position
+    proto, model, result = cleanup('''g (float[N,3,2,2] x, float[N,5] z) => (float[N,12] y, float[3,4,N] w)
         <int64[1] zero = {0}, int64[1] one = {1}, int64[1] rest = {12}, int64[2] tail = {3, 4}> {
         sz = Shape(z)
         dz = Slice(sz, zero, one)
@@ -198,7 +199,40 @@ def test_cleanup_keeps_a_reshape_target_built_from_another_tensors_shape_or_anot
         u = Concat<axis = 0>(tail, dx)
         w = Reshape(x, u)
     }''')
+    assert result.stats["reshape_targets_made_constant"] == 2 and ops(model) == ["Reshape", "Reshape"]
+    assert sorted(gu_constant(n.inputs[1]).tolist() for n in model.graph.nodes) == [[-1, 12], [3, 4, -1]]
+    feeds = {"x": np.arange(5 * 12, dtype=np.float32).reshape(5, 3, 2, 2), "z": np.ones((5, 5), np.float32)}
+    assert same_outputs(proto, model.to_proto(), feeds)
+
+
+def test_cleanup_keeps_a_reshape_target_with_two_runtime_sizes_or_a_runtime_size_beside_a_copy():
+    # -1 needs every other size known and positive: a copied dimension (0) may be 0 at run time
+    _, model, result = cleanup('''g (float[N,M,12] x, float[N,M] z) => (float[N,M,12] y, float[N,M,12] w)
+        <int64[1] zero = {0}, int64[1] one = {1}, int64[1] two = {2}, int64[1] rest = {12}> {
+        sz = Shape(z)
+        dn = Slice(sz, zero, one)
+        dm = Slice(sz, one, two)
+        t = Concat<axis = 0>(dn, dm, rest)
+        y = Reshape(x, t)
+        sx = Shape(x)
+        dx = Slice(sx, zero, one)
+        u = Concat<axis = 0>(dx, dm, rest)
+        w = Reshape(x, u)
+    }''')
     assert not result.stats.get("reshape_targets_made_constant") and ops(model).count("Shape") == 2
+
+
+def test_cleanup_skips_a_reshape_feeding_a_reshape_to_a_constant():
+    proto, model, result = cleanup('''g (float[N,3,4] x) => (float[6,2,N] y, float[A,B] v)
+        <int64[1] flat = {-1}, int64[3] target = {6, 2, -1}, int64[2] keep = {0, -1}> {
+        f = Reshape(x, flat)
+        y = Reshape(f, target)
+        g = Reshape(x, flat)
+        v = Reshape(g, keep)
+    }''')
+    # the second pair keeps its inner Reshape: a 0 in the outer target copies a dimension of f, not of x
+    assert result.stats["reshape_targets_made_constant"] == 1 and ops(model).count("Reshape") == 3
+    assert same_outputs(proto, model.to_proto(), {"x": np.arange(2 * 12, dtype=np.float32).reshape(2, 3, 4)})
 
 
 def gu_constant(tensor):
