@@ -1,4 +1,4 @@
-"""Lossless graph optimisation: onnxcomp `fold, cleanup, fuse` vs onnxsim and onnxslim.
+"""Lossless graph optimisation: onnxcomp `fold, cleanup, fuse` vs onnxsim, onnxslim and onnxoptimizer.
 
 `python -m benchmarks.run lossless [--quick] [--models a,b] [--tools onnxcomp,onnxsim]`
 
@@ -80,8 +80,16 @@ def tool_onnxslim(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnxslim.slim(proto)
 
 
+def tool_onnxoptimizer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxoptimizer
+
+    # every fuse and elimination pass it has (its default list is a subset), to a fixed point
+    return onnxoptimizer.optimize(proto, onnxoptimizer.get_fuse_and_elimination_passes(), fixed_point=True)
+
+
 TOOLS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
-    "onnxcomp": tool_onnxcomp, "onnxsim": tool_onnxsim, "onnxslim": tool_onnxslim}
+    "onnxcomp": tool_onnxcomp, "onnxsim": tool_onnxsim, "onnxslim": tool_onnxslim,
+    "onnxoptimizer": tool_onnxoptimizer}
 
 
 def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -300,8 +308,10 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], tools: list[st
     total_before = sum(r["nodes_before"] for r in rows)
     common = next(iter(summary.values()), {}).get("common_models", 0)
     return "\n\n".join([
-        "# Lossless graph optimisation: onnxcomp vs onnxsim vs onnxslim",
-        f"onnxcomp runs `{SPEC}`; onnxsim `simplify(model)` (check_n=0); onnxslim `slim(model)`. "
+        "# Lossless graph optimisation: onnxcomp vs onnxsim vs onnxslim vs onnxoptimizer",
+        f"onnxcomp runs `{SPEC}`; onnxsim `simplify(model)` (check_n=0); onnxslim `slim(model)`; "
+        "onnxoptimizer `optimize(model, get_fuse_and_elimination_passes(), fixed_point=True)` (no constant "
+        "folding: it has none). The summary's totals count only the models where every tool succeeded. "
         "seconds = best of up to 3 runs on the in-memory model; max abs diff = ORT CPU outputs vs the "
         "original on evaluation inputs; latency = ORT CPU EP, 1 thread, median of interleaved rounds, "
         "as a ratio to the original model (ORT applies its own optimisations at load in both). "
