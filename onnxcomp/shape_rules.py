@@ -10,11 +10,6 @@ A target with one runtime-computed entry among positive constants, e.g. Concat(b
 from another tensor's shape (jax2tf), becomes [-1, 512, 256]: wherever the original runs, that
 entry equals numel(x) / 512 / 256, which is what -1 computes (where it would not, the original
 fails with a size mismatch).
-
-Reshape(Reshape(x, s1), s2) with s2 a constant free of 0 -> Reshape(x, s2): a
-Reshape keeps the element order and -1 depends only on the element count, both the same for x.
-(A runtime s2, e.g. Shape(z), is left alone: on an empty z its 0 copies a dimension of the inner
-result, which x may not share.)
 """
 
 from __future__ import annotations
@@ -75,8 +70,7 @@ def _dim_of(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> tuple[gs.Tensor, 
 def constant_reshape_targets(graph: gs.Graph, opset: int) -> int:
     """Reshape(x, Concat(parts)) -> Reshape(x, constant) where every part is a constant or
     Shape(x)[i:i+1] standing at position i (it becomes 0: copy dimension i), or where one part is
-    a one-element runtime value among positive constants (it becomes -1); and Reshape(Reshape(x,
-    s1), const s2) -> Reshape(x, s2). Returns how many."""
+    a one-element runtime value among positive constants (it becomes -1). Returns how many."""
     changed = 0
     _LOCAL[id(graph)] = {id(n) for n in graph.nodes}
     try:
@@ -92,9 +86,6 @@ def _rewrite(graph: gs.Graph, opset: int) -> int:
         if node.op != "Reshape" or not gu.is_standard(node) or len(node.inputs) != 2 or node.attrs.get("allowzero", 0):
             continue
         x, target = node.inputs
-        if _skip_inner_reshape(node, graph):
-            changed += 1
-            continue
         concat = _int_source(target, graph)
         if concat is None or concat.op != "Concat" or int(concat.attrs.get("axis", 0)) not in (0, -1):
             continue
@@ -154,15 +145,3 @@ def _one_element(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> bool:
     index = gu.constant_value(gather.inputs[1]) if gu.is_constant(gather.inputs[1], graph) else None
     shape = _int_source(gather.inputs[0], graph)
     return index is not None and index.ndim == 0 and shape is not None and shape.op == "Shape"
-
-
-def _skip_inner_reshape(node: gs.Node, graph: gs.Graph) -> bool:
-    """Reshape(Reshape(x, s1), s2) -> Reshape(x, s2) for a constant s2 without 0."""
-    inner = _producer(node.inputs[0], graph)
-    if inner is None or inner.op != "Reshape" or len(inner.inputs) != 2:
-        return False
-    target = _const_ints(node.inputs[1], graph)
-    if target is None or 0 in target:
-        return False
-    node.inputs[0] = inner.inputs[0]
-    return True

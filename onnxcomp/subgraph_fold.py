@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcomp import graph_utils as gu
+from onnxcomp.model import EXTERNAL_DATA_MIN_BYTES, constant_nbytes
 from onnxcomp.subgraphs import NameSpace, scopes
 
 _counter = itertools.count()
@@ -93,7 +94,7 @@ def model_facts(model) -> dict[int, dict]:
 def _fingerprint(model) -> tuple:
     """Everything onnx shape inference reads, by identity and value: opsets; each graph's inputs,
     outputs and nodes in order; each node's op, attributes and tensors; each tensor's name, type,
-    shape and (constants) value object. Passes replace a Constant's values, never edit them."""
+    shape and (constants) value, see `_value_key`."""
     parts: list = [tuple(sorted(model.opset_imports.items())), model.graph.opset, model.ir_version]
     tensors: dict[int, gs.Tensor] = {}
 
@@ -119,9 +120,22 @@ def _fingerprint(model) -> tuple:
                           tuple((k, attribute(v)) for k, v in node.attrs.items()) if node.attrs else ()))
     for key, t in tensors.items():
         shape = t.shape
-        parts.append((key, t.name, t.dtype, tuple(shape) if shape is not None else None,
-                      id(t.__dict__.get("_values"))))
+        parts.append((key, t.name, t.dtype, tuple(shape) if shape is not None else None, _value_key(t)))
     return tuple(parts)
+
+
+def _value_key(tensor: gs.Tensor):
+    """What of a constant's value shape inference can read. Small constants (shapes, axes, pads)
+    by content: graphsurgeon swaps a lazily loaded value for an array the first time a pass reads
+    it, so identity would change with nothing changed (nudenet: every round re-inferred). Large ones
+    by size only: `to_proto(weights=False)` exports them as stubs, and onnx infers shapes from the
+    data of shape-like inputs only, which are small."""
+    if not isinstance(tensor, gs.Constant):
+        return None
+    nbytes = constant_nbytes(tensor)
+    if nbytes >= EXTERNAL_DATA_MIN_BYTES:
+        return nbytes
+    return np.asarray(tensor.values).tobytes()
 
 
 def scoped_facts(proto: onnx.ModelProto, graph: gs.Graph) -> dict[int, dict]:

@@ -7,7 +7,6 @@ Rewrites (every one leaves outputs bit-identical)
     Reshape(x, s) where s resolves to shape(x)   -> x
     Reshape(x, Concat(Shape(x)[i:i+1] at i, consts)) -> Reshape(x, [.., 0 at i, ..])  (shape_rules.py)
     Reshape(x, Concat(one runtime size, positive consts)) -> Reshape(x, [.., -1, ..])  (shape_rules.py)
-    Reshape(Reshape(x, s1), const s2 without 0)  -> Reshape(x, s2)                    (shape_rules.py)
     Expand(x, s) where broadcast(shape(x), s) == shape(x) -> x
     Transpose(x, perm=identity), Concat(x)       -> x
     Pad(x, pads=0...), Slice(x) over the full range  -> x   (start 0, end >= 2**62: any size)

@@ -222,18 +222,5 @@ def test_cleanup_keeps_a_reshape_target_with_two_runtime_sizes_or_a_runtime_size
     assert not result.stats.get("reshape_targets_made_constant") and ops(model).count("Shape") == 2
 
 
-def test_cleanup_skips_a_reshape_feeding_a_reshape_to_a_constant():
-    proto, model, result = cleanup('''g (float[N,3,4] x) => (float[6,2,N] y, float[A,B] v)
-        <int64[1] flat = {-1}, int64[3] target = {6, 2, -1}, int64[2] keep = {0, -1}> {
-        f = Reshape(x, flat)
-        y = Reshape(f, target)
-        g = Reshape(x, flat)
-        v = Reshape(g, keep)
-    }''')
-    # the second pair keeps its inner Reshape: a 0 in the outer target copies a dimension of f, not of x
-    assert result.stats["reshape_targets_made_constant"] == 1 and ops(model).count("Reshape") == 3
-    assert same_outputs(proto, model.to_proto(), {"x": np.arange(2 * 12, dtype=np.float32).reshape(2, 3, 4)})
-
-
 def gu_constant(tensor):
     return np.asarray(tensor.values)

@@ -140,3 +140,19 @@ def test_fold_leaves_an_input_with_a_default_value_alone():
     assert not result.changed and ops(model) == ["Neg", "Mul"]
     x, w = np.array([1.5, -2.0], np.float32), np.array([3.0, 0.5], np.float32)
     assert outputs(model.to_proto(), {"x": x, "w": w})[0].tobytes() == outputs(proto, {"x": x, "w": w})[0].tobytes()
+
+
+def test_shape_facts_are_reused_after_a_lazy_read_and_renewed_when_a_value_changes():
+    from onnxcomp import subgraph_fold as sf
+
+    proto = onnx.parser.parse_model(HEADER + '''g (float[2,6] x) => (float[A,B] y) <int64[2] t = {3, 4}> {
+        y = Reshape(x, t)
+    }''')
+    model = Model.from_proto(proto)
+    facts = sf.model_facts(model)
+    assert facts[id(model.graph)]["y"][1] == (3, 4)
+    target = model.graph.nodes[0].inputs[1]
+    np.asarray(target.values)  # a pass reads it: graphsurgeon swaps its lazy value for an array
+    assert sf.model_facts(model) is facts  # nothing shape inference reads has changed: no new export
+    target.values = np.array([4, 3], np.int64)
+    assert sf.model_facts(model)[id(model.graph)]["y"][1] == (4, 3)
