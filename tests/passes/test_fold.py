@@ -156,3 +156,20 @@ def test_shape_facts_are_reused_after_a_lazy_read_and_renewed_when_a_value_chang
     assert sf.model_facts(model) is facts  # nothing shape inference reads has changed: no new export
     target.values = np.array([4, 3], np.int64)
     assert sf.model_facts(model)[id(model.graph)]["y"][1] == (4, 3)
+
+
+def test_fold_reads_constant_nodes_from_their_attributes_without_an_ort_session():
+    proto, model, result = fold('''g (float[2] x, int64[2] i, float16[2] h) => (float[2] y, int64[2] j, float16[2] z) {
+        a = Constant<value = float[2] {1.5, -0.1}>()
+        b = Constant<value_float = 0.3>()
+        c = Constant<value_ints = [7, -9]>()
+        d = Constant<value = float16[2] {2, 3}>()
+        s = Add(x, a)
+        y = Mul(s, b)
+        j = Add(i, c)
+        z = Add(h, d)
+    }''')
+    assert result.stats["nodes_folded"] == 4 and not result.stats.get("ort_batches")
+    feeds = {"x": np.array([0.7, -2.5], np.float32), "i": np.array([1, 2], np.int64), "h": np.array([1, 2], np.float16)}
+    before, after = outputs(proto, feeds), outputs(model.to_proto(), feeds)
+    assert all(np.array_equal(u, v) for u, v in zip(before, after))
