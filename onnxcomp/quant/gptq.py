@@ -54,6 +54,12 @@ def short_mantissa(x: np.ndarray, bits: int = SCALE_MANTISSA_BITS) -> np.ndarray
     return u.astype(np.uint32).view(np.float32)
 
 
+def usable_scale(scale: np.ndarray) -> np.ndarray:
+    """`scale` with zeros (a row of denormal weights whose step underflows float32, PP-OCR's
+    recognizer has some) made 1: such a row rounds to its zero point, an error below 1e-38."""
+    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+
+
 def fit_grid(w: np.ndarray, bits: int, symmetric: bool = False, weights: np.ndarray | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
     """(scale, zero) per row of w [rows, n] minimising Σ weights·|w - q|^2.4 over shrunk ranges."""
@@ -71,7 +77,7 @@ def fit_grid(w: np.ndarray, bits: int, symmetric: bool = False, weights: np.ndar
         np.maximum(np.asarray(weights, np.float32), 1e-12)
     for p in SHRINK_STEPS:
         a, b = lo * p, hi * p
-        scale = short_mantissa(np.where(b > a, (b - a) / maxq, 1.0))
+        scale = usable_scale(short_mantissa(np.where(b > a, (b - a) / maxq, 1.0)))
         zero = np.full(len(w), (maxq + 1) // 2, np.float32) if symmetric else np.clip(np.rint(-a / scale), 0, maxq)
         q = np.clip(np.rint(w / scale[:, None]) + zero[:, None], 0, maxq)
         err = (np.abs(scale[:, None] * (q - zero[:, None]) - w) ** ERROR_NORM) @ col_weights
@@ -101,7 +107,7 @@ def fit_entropy_grid(w: np.ndarray, bits: float) -> tuple[np.ndarray, np.ndarray
     per row of 384)."""
     w = np.asarray(w, np.float64)
     rms = np.sqrt(np.mean(w * w, axis=1))
-    scale = short_mantissa(np.where(rms > 0, rms * entropy_step(bits), 1.0))
+    scale = usable_scale(short_mantissa(np.where(rms > 0, rms * entropy_step(bits), 1.0)))
     return scale.astype(np.float32), np.full(len(w), ENTROPY_ZERO, np.uint8)
 
 

@@ -237,3 +237,18 @@ g (float16[N,64] x) => (float16[N,32] y) { y = MatMul(x, w) }
     feeds = [{"x": np.random.default_rng(1).normal(0, 1, (4, 64)).astype(np.float16)} for _ in range(4)]
     result = get("gptq")(bits=4, min_size=0).run(model, PassContext(calibration=feeds))
     assert not result.changed and result.stats["layers"] == 0
+
+
+@pytest.mark.parametrize("grid", ["minmax", "entropy"])
+def test_rows_of_denormal_weights_quantize_without_dividing_by_zero(grid):
+    # PP-OCR's recognizer has rows of ~1e-44 weights: their step underflowed float32 to 0
+    import warnings
+
+    w = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)
+    w[1], w[2] = 1e-44, 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a divide-by-zero RuntimeWarning fails the test
+        q = quantize(w, 3, 0, np.eye(64), grid=grid)
+    restored = q.dequantized()
+    assert np.isfinite(restored).all() and np.abs(restored[1:]).max() < 1e-30
+    assert np.abs(restored[0] - w[0]).max() < 0.5
