@@ -64,9 +64,11 @@ class Pass:
         """First line of the class docstring: the one-line help of the pass."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
-    def backoff(self) -> Pass | None:
+    def backoff(self, shortfall: float = 1.0) -> Pass | None:
         """A weaker version of this pass (lower sparsity, more bits...) for the accuracy gate to
-        retry with, or None when it cannot be weakened. Lossy passes override this."""
+        retry with, or None when it cannot be weakened. Lossy passes override this. `shortfall`:
+        how far the failed result was from the gate (its error / the error allowed, >= 1), for
+        a pass that can size its step to it."""
         return None
 
     def with_params(self, **changes: Any) -> Pass:

@@ -199,6 +199,23 @@ class GateChecker:
             raise InputError(f"the gate metric {name} returned {value}; it must return a finite number")
         return value
 
+    def shortfall(self, verdict: Verdict) -> float:
+        """How far a failed verdict is from the gate: the largest measured error / allowed error
+        over the gate's criteria (1 - cosine or its lower bound, 1 - agreement, the metric drop,
+        max abs), at least 1. A back-off sizes its step by it."""
+        gate, f = self.gate, verdict.figures
+        ratios = [f.get("drop_points", 0.0) / gate.max_drop] if gate.max_drop else []
+        for out in f.get("per_output", {}).values():
+            cosine = min(out.get("cosine", 1.0), out.get("cosine_low", 1.0))
+            for measured, least in ((cosine, gate.min_cosine), (out.get("score_agreement"), gate.min_score_agreement),
+                                    (out.get("top1_agreement"), gate.min_top1_agreement)):
+                if measured is not None and least is not None and least < 1:
+                    ratios.append((1 - measured) / (1 - least))
+            if gate.atol:
+                ratios.append(out.get("max_abs", 0.0) / gate.atol)
+        finite = [r for r in ratios if np.isfinite(r)]
+        return max([1.0, *finite])
+
     def check(self, candidate) -> Verdict:
         from onnxcomp.context import Tolerance
         from onnxcomp.validate import compare_arrays
@@ -315,7 +332,7 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
             best = (closeness, result.model)
         culprit = _first_failing(checker, passes, snapshots)
         step["culprit"] = str(passes[culprit])
-        weaker = passes[culprit].backoff()
+        weaker = _backoff(passes[culprit], checker.shortfall(verdict))
         step["reason"] = verdict.reason
         if weaker is None:
             step["action"] = f"{passes[culprit]} cannot be weakened further; removed"
@@ -331,6 +348,17 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
     error.path = path  # type: ignore[attr-defined]
     error.best_model = best[1] if best else None  # type: ignore[attr-defined]
     raise error
+
+
+def _backoff(step, shortfall: float):
+    """step.backoff(shortfall), or step.backoff() for a pass written before it took one (plugins)."""
+    import inspect
+
+    try:
+        takes = bool(inspect.signature(step.backoff).parameters)
+    except (TypeError, ValueError):
+        takes = False
+    return step.backoff(shortfall) if takes else step.backoff()
 
 
 def _finish(result, tail, whole, ctx):

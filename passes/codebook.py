@@ -89,7 +89,7 @@ class Codebook(Pass):
         keep_zero: bool = param(True, "keep exact zeros (pruned weights) at zero")
         iterations: int = param(60, "k-means iterations", min=1, max=1000)
 
-    def backoff(self):
+    def backoff(self, shortfall: float = 1.0):
         """For the accuracy gate: one more index bit (twice the shared values), up to 8."""
         return self.with_params(bits=self.config.bits + 1) if self.config.bits < 8 else None
 

@@ -108,7 +108,7 @@ class Prune(Pass):
                 raise SpecError(f"prune: parameter ops = {unknown[0]!r} is not allowed "
                                 f"(choose from: {', '.join(hs.WEIGHT_OPS)})")
 
-    def backoff(self):
+    def backoff(self, shortfall: float = 1.0):
         """For the accuracy gate: keep 1.5x as many weights each time (small steps near high
         sparsity, where accuracy turns); an N:M pattern has one sparsity, so it becomes unstructured."""
         sparsity = 1 - (1 - self.config.sparsity) * 1.5

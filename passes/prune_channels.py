@@ -287,7 +287,7 @@ class PruneChannels(Pass):
         samples: int = param(64, "hessian: calibration samples used", min=1)
         damp: float = param(0.01, "hessian: dampening, a fraction of the mean Hessian diagonal", min=0.0, max=1.0)
 
-    def backoff(self):
+    def backoff(self, shortfall: float = 1.0):
         """For the accuracy gate: remove fewer channels (a third fewer each time)."""
         sparsity = self.config.sparsity * 2 / 3
         return None if sparsity < 0.05 else self.with_params(sparsity=round(sparsity, 4))

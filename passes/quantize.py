@@ -61,7 +61,7 @@ class Quantize(Pass):
         require_speedup: bool = param(False, "fail when the quantized model is slower than the float one")
         embeddings: bool = param(True, "int8 tables with a scale per row for Gather embeddings (weight-only)")
 
-    def backoff(self):
+    def backoff(self, shortfall: float = 1.0):
         """For the accuracy gate: keep more nodes in float (a tighter fallback tolerance each time)."""
         current = self.config.max_error
         if current is not None and current <= 1e-4:

@@ -55,7 +55,7 @@ class QuantizeDynamic(Pass):
         reduce_range: bool | None = param(None, "7-bit weights for mode=dynamic, avoiding the int16 saturation of "
                                           "AVX2's u8*s8 kernels (default: on for x86 CPUs without VNNI)")
 
-    def backoff(self):
+    def backoff(self, shortfall: float = 1.0):
         """For the accuracy gate: per-channel scales, then 8 bits; nothing weaker after that."""
         if not self.config.per_channel:
             return self.with_params(per_channel=True)

@@ -219,6 +219,13 @@ def test_mixed_precision_on_the_digits_cnn_meets_its_byte_target_and_reports_eve
     assert str(step.backoff()) == "gptq(choices=[2, 3, 4, 6, 8], target_ratio=8.8)"
 
 
+def test_a_far_miss_backs_off_by_the_bits_it_needs():
+    step = get("gptq")(choices=(2, 3, 4), target_ratio=16)  # ~2 bits a weight
+    assert step.backoff().config.target_ratio == 14.08  # the 12 % step
+    assert step.backoff(16.0).config.target_ratio == 8.0  # 16x the allowed error: log4(16) = 2 more bits
+    assert step.backoff(1.2).config.target_ratio == 14.08  # never less than the 12 % step
+
+
 def test_choices_without_a_target_is_a_spec_error():
     from onnxcomp.errors import SpecError
 
