@@ -25,8 +25,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "compact": ("fold, cleanup, fuse, gptq(choices=[2,3,4,5,6,8], sparsities=[0,0.5,0.75], target_ratio=16, grid=entropy, "
                 "form=fold), entropy",
                 "GPTQ low-bit weights on grids sized for the entropy coder, per-layer bits and sparsity chosen "
-                "from measured bytes and output error to 16x smaller weights, backed off 12 % at a time by the "
-                "accuracy gate; ORT decodes them at load and runs at float speed (needs --calibration; write .onnxc)"),
+                "from measured bytes and output error to 16x smaller weights, backed off by the accuracy gate "
+                "by the bits its miss needs; ORT decodes them at load and runs at float speed (needs --calibration; write .onnxc)"),
     "max": ("fold, cleanup, fuse, prune(sparsity=0.95, scope=global, saliency=hessian), codebook(bits=3), entropy",
             "the most aggressive start, backed off by the accuracy gate until it holds (needs --calibration)"),
 }
