@@ -30,7 +30,7 @@ from onnxcomp import hessian as hs
 from onnxcomp.base import Pass, PassResult, param
 from onnxcomp.errors import SpecError
 from onnxcomp.quant import lowbit, mixed
-from onnxcomp.quant.gptq import ENTROPY_GRID_BITS, Quantized, factor, quantize
+from onnxcomp.quant.gptq import ENTROPY_GRID_BITS, Quantized, factor_many, quantize
 from onnxcomp.quant.qdq import NodeBuilder
 from onnxcomp.registry import register
 
@@ -121,8 +121,10 @@ class Gptq(Pass):
         key = f"hessians:{cfg.samples}:" + "|".join(layer.name for layer in layers)
         hessians = ctx.analysis_of(model, key, lambda: hs.layer_hessians(model, layers, feeds, cfg.samples)) \
             if layers else {}
-        found: dict[tuple[str, int, float], Quantized] = {}
-        factors: dict[str, tuple] = {}
+        # kept across the gate's back-offs (same model, same settings: only the target moves)
+        found: dict[tuple[str, int, float], Quantized] = ctx.analysis_of(
+            model, "gptq-quantized:" + self._table_key(targets), dict)
+        factors: dict[str, list] = ctx.analysis_of(model, f"gptq-factors:{cfg.act_order}:{cfg.damp}:{key}", dict)
 
         def form(target: lowbit.Target, bits: int) -> str:
             if self._grid(bits) == "entropy":
@@ -134,7 +136,7 @@ class Gptq(Pass):
             if (target.name, bits, sparsity) not in found:
                 h = hessians.get(target.name)
                 if h is not None and target.name not in factors:  # one factorization for every width
-                    factors[target.name] = [factor(hg, cfg.act_order, cfg.damp) for hg in h]
+                    factors[target.name] = factor_many(list(h), cfg.act_order, cfg.damp)
                 found[(target.name, bits, sparsity)] = self._quantize(
                     target, bits, self._group(target, form(target, bits)), h, sparsity, factors.get(target.name))
             return found[(target.name, bits, sparsity)]

@@ -127,6 +127,30 @@ def factor(h: np.ndarray, act_order: bool = True, percdamp: float = 0.01) -> tup
     return order, inverse_cholesky(h[np.ix_(order, order)], percdamp)[0]
 
 
+def factor_many(hs: list[np.ndarray], act_order: bool = True, percdamp: float = 0.01) -> list[tuple]:
+    """`factor` of each of many Hessians: same-sized ones (a depthwise conv has one 9 x 9 Hessian
+    per channel; PP-OCR rec has 21,000 of them across its attempts) in one batched Cholesky and
+    inverse instead of one scipy call each; a stack that needs more damping goes one by one."""
+    if len(hs) < 2 or len({np.shape(h) for h in hs}) != 1:
+        return [factor(h, act_order, percdamp) for h in hs]
+    h = np.asarray(hs, np.float64)  # [groups, n, n]
+    n = h.shape[1]
+    diag = np.diagonal(h, axis1=1, axis2=2)
+    order = np.argsort(-diag, axis=1, kind="stable") if act_order else np.tile(np.arange(n), (len(h), 1))
+    h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
+    diag = np.diagonal(h, axis1=1, axis2=2).copy()  # dampened(), stacked: dead inputs get 1, then + λ
+    diag[diag <= 0] = 1.0
+    mean = diag.mean(axis=1)
+    diag += percdamp * np.where(mean > 0, mean, 1.0)[:, None]
+    h[:, np.arange(n), np.arange(n)] = diag
+    try:
+        low = np.linalg.cholesky(h[:, ::-1, ::-1])
+    except np.linalg.LinAlgError:
+        return [factor(x, act_order, percdamp) for x in hs]
+    upper = np.triu(np.linalg.inv(low)[:, ::-1, ::-1])  # U = P·L̃⁻¹·P as in inverse_cholesky
+    return [(order[g], np.ascontiguousarray(upper[g])) for g in range(len(h))]
+
+
 def _prune_block(w1: np.ndarray, d: np.ndarray, pruned: np.ndarray, sparsity: float) -> None:
     """Mark the block's least salient weights (OBS: w² / [H⁻¹]_qq, SparseGPT's choice) up to `sparsity`."""
     want = round(sparsity * w1.size) - int(pruned.sum())
