@@ -59,10 +59,16 @@ def unique_node_names(graph: gs.Graph) -> str | None:
 FLOAT_KINDS = "fc"
 
 
+# ops that take ±Inf as a bound, not as a value: Clip(x, 0, inf) is a ReLU, Max(-inf, x) is x
+INF_AS_A_BOUND = {"Clip", "Max", "Min", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal", "Where"}
+
+
 def nonfinite_initializers(model) -> list[str]:
     """Names of the weights (constants of the graph and its subgraphs, float or complex) that
-    hold a NaN or an Inf, in the order a walk of the graph meets them. Reads each weight once
-    without keeping it loaded (external data stays in its file)."""
+    hold a NaN, or an Inf that some node uses as a value (not only as a bound: INF_AS_A_BOUND;
+    openwakeword's Clip(x, min, inf) and Magika's Max(-inf, x) have finite outputs), in the order
+    a walk of the graph meets them. Reads each weight once without keeping it loaded (external
+    data stays in its file)."""
     from onnxcomp.model import _walk_constants, peek_values
 
     names = []
@@ -75,7 +81,8 @@ def nonfinite_initializers(model) -> list[str]:
             continue
         values = np.asarray(peek_values(const))
         if values.dtype.kind in FLOAT_KINDS and values.size and not np.isfinite(values).all():
-            names.append(const.name)
+            if np.isnan(values).any() or not all(n.op in INF_AS_A_BOUND for n in const.outputs):
+                names.append(const.name)
     return names
 
 

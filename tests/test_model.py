@@ -202,6 +202,13 @@ def test_nonfinite_initializers_names_the_weights_with_nan_or_inf(mnist_path):
         "finite before or after optimization; the gate decides whether the result is usable")
     assert nonfinite_initializers(onnxcomp.load(mnist_path)) == []
     assert describe_nonfinite([]) is None
+    bounds = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[4] x) => (float[4] y) <float lo = {0.0}, float hi = {inf}, float low = {-inf}, float w = {inf}> {
+            c = Clip(x, lo, hi)
+            m = Max(c, low)
+            y = Mul(m, w)
+        }""")
+    assert nonfinite_initializers(onnxcomp.load(bounds)) == ["w"]  # an Inf as a clip bound or in Max is no value
     many = describe_nonfinite([f"w{i}" for i in range(7)])
     assert many.startswith("7 weights hold NaN or Inf values ('w0', 'w1', 'w2' and 4 more)")
 
