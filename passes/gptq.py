@@ -38,6 +38,7 @@ SPARSE_MAX_BITS = 4
 REFERENCE_BITS = 3  # the choice whose whole-model error is measured (well above noise, below breakage)
 BACKOFF = 0.88  # each back-off asks for at least 12 % less compression
 FLOAT_BITS = 32
+MEASURE_BUDGET_S = 90.0  # model runs measuring the choices; past it, fewer held samples (at least 4)
 
 
 @register
@@ -231,7 +232,8 @@ class Gptq(Pass):
         from onnxcomp.override import OverrideRunner
 
         cfg = self.config
-        runner = OverrideRunner(model, [t.name for t in targets], feeds, cfg.eval_samples, centered=True)
+        runner = OverrideRunner(model, [t.name for t in targets], feeds, cfg.eval_samples, centered=True,
+                                budget=(len(targets) * (len(cfg.choices) if cfg.measure_every else 1), MEASURE_BUDGET_S))
         table = {}
         for target in targets:
             choices = [(bits, sparsity) for bits in cfg.choices for sparsity in self._sparsities(bits)]

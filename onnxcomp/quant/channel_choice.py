@@ -11,6 +11,8 @@ channels differ widely fails it and stays per channel.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from onnxcomp import hessian as hs
@@ -19,6 +21,7 @@ from onnxcomp.quant.placement import weight_axis
 from onnxcomp.quant.qdq import dequantize_array, quantize_array, weight_params
 
 SAMPLES = 8
+BUDGET_S = 30.0  # seconds of trials; past it, the remaining (smaller) weights keep per-channel scales
 
 
 def per_tensor_enough(model, feeds, bound: float, weight_type: str = "int8", reduce_range: bool = False
@@ -28,9 +31,12 @@ def per_tensor_enough(model, feeds, bound: float, weight_type: str = "int8", red
               if weight_axis(layer.nodes[0], 1, len(layer.weight.shape), True) is not None]
     if not layers:
         return set(), {}
-    runner = OverrideRunner(model, [layer.name for layer in layers], feeds, SAMPLES)
+    runner = OverrideRunner(model, [layer.name for layer in layers], feeds, SAMPLES, budget=(len(layers), BUDGET_S))
     errors = {}
-    for layer in layers:
+    started = time.perf_counter()
+    for layer in sorted(layers, key=lambda item: -int(np.prod(item.weight.shape))):  # the largest weights first
+        if time.perf_counter() - started > BUDGET_S:
+            break  # the rest stay per channel: the accurate choice, only less compact
         w = np.asarray(layer.weight.values, np.float32)
         wp = weight_params(w, None, weight_type, reduce_range)
         errors[layer.name] = runner.error({layer.name: dequantize_array(quantize_array(w, wp, reduce_range), wp)})
