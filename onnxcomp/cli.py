@@ -19,6 +19,8 @@ from rich.markup import escape
 
 from onnxcomp.errors import GateFailed, InputError, OnnxcompError, SpecError
 
+DEFAULT_PRESET = "lossless"  # what runs without --pipeline or --preset: nothing can be lost
+
 
 def _exception_classes(name: str) -> tuple[type, ...]:
     """`name` from click and from typer's vendored copy of click (typer >= 0.20 ships its own)."""
@@ -100,8 +102,10 @@ def optimize(
     from onnxcomp.pipeline import Pipeline
     from onnxcomp.presets import preset_spec
 
-    if (pipeline is None) == (preset is None):
-        raise SpecError("give exactly one of --pipeline or --preset")
+    if pipeline is not None and preset is not None:
+        raise SpecError("give one of --pipeline or --preset, not both")
+    if pipeline is None and preset is None:
+        preset = DEFAULT_PRESET
     dims = _dims(dim)
     batch = len(models) > 1 or models[0].is_dir() or output.is_dir() or any(
         option is not None for option in (jobs, ray, summary))
@@ -487,8 +491,10 @@ def registry_optimize(
     from onnxcomp.presets import preset_spec
 
     require_mlflow()  # before any work: one line saying how to install it
-    if (pipeline is None) == (preset is None):
-        raise SpecError("give exactly one of --pipeline or --preset")
+    if pipeline is not None and preset is not None:
+        raise SpecError("give one of --pipeline or --preset, not both")
+    if pipeline is None and preset is None:
+        preset = DEFAULT_PRESET
     dims = _dims(dim)
     spec = Pipeline.parse(pipeline if pipeline is not None else preset_spec(preset))
     with err.status("loading…") as status:

@@ -75,7 +75,7 @@ GATE_METRIC_HELP = ("Gate: the task metric --max-drop holds, MODULE:FUNCTION or 
 
 # Options that `optimize` and `registry optimize` share, declared once so the two cannot drift apart.
 PipelineOpt = Annotated[Optional[str], typer.Option("--pipeline", "-p", help="Pipeline spec text or a .yaml/.json file.")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="A named pipeline (see `onnxcomp passes --presets`).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="A named pipeline (see `onnxcomp passes --presets`); without --preset or --pipeline: lossless.")]
 CalibrationOpt = Annotated[Optional[Path], typer.Option(
     "--calibration", help="Calibration data: .npz (one array per input, samples on axis 0; or sample_0/NAME keys), "
                           "a folder of .npz/.npy files, or an image folder. A lossy pipeline holds half of it out "

@@ -91,6 +91,17 @@ def test_bad_pipelines_end_as_one_line_with_no_output(spec, message, mnist_path,
     assert not out.exists()
 
 
+def test_without_a_preset_or_pipeline_optimize_runs_the_lossless_preset(mnist_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    done = run_cli("optimize", mnist_path, "-o", out, "--report", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    import json
+
+    assert json.loads((tmp_path / "r.json").read_text())["pipeline"] == "fold, cleanup, fuse"
+    both = run_cli("optimize", mnist_path, "-o", tmp_path / "b.onnx", "--preset", "lossless", "--pipeline", "fold")
+    assert_one_line_error(both, "not both")
+
+
 def test_writing_over_the_input_needs_force(mnist_path, tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(mnist_path.read_bytes())
