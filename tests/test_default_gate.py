@@ -216,3 +216,36 @@ def test_outputs_named_logits_get_the_top1_check_and_other_raw_scores_do_not():
     assert top1_agreement(logits, moved, "logits") == 19 / 20
     assert top1_agreement(logits, moved, "model/output/logits") == 19 / 20
     assert top1_agreement(logits, moved, "Plus214_Output_0") is None  # raw scores by another name: cosine only
+
+
+def _offset_mnist(mnist_path, offset: np.ndarray) -> onnx.ModelProto:
+    """The real MNIST model with `offset` (per class) added to its logits: a large common offset
+    makes an output like a log-mel spectrogram; a small varying part, a compression's error."""
+    proto = onnx.load(str(mnist_path))
+    logits = proto.graph.output[0].name
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(offset.astype(np.float32).reshape(1, 10), "offset"))
+    proto.graph.node.append(onnx.helper.make_node("Add", [logits, "offset"], ["level"]))
+    proto.graph.output[0].name = "level"
+    return proto
+
+
+def test_an_output_on_a_large_offset_is_judged_by_its_cosine_about_the_mean(mnist_path, mnist_calibration):
+    from onnxcomp.gate import Gate, GateChecker, dominant_offset
+
+    _, feeds = mnist_calibration
+    session = make_session(str(mnist_path))
+    logits = [next(iter(run(session, f).values())) for f in feeds[:8]]
+    spread = float(np.concatenate([v.ravel() for v in logits]).std())
+    base = np.full(10, 20 * spread)  # the offset carries ~99.8 % of the output's energy
+    reference = _offset_mnist(mnist_path, base)
+    moved = _offset_mnist(mnist_path, base + np.random.default_rng(0).standard_normal(10) * 0.4 * spread)
+    levels = [run(make_session(reference), f)["level"] for f in feeds[:8]]
+    raw = compare_arrays("level", levels, [run(make_session(moved), f)["level"] for f in feeds[:8]],
+                         Tolerance(atol=float("inf"))).cosine
+    assert raw > 0.99  # the offset hides an error of 40 % of the spread from a plain cosine
+    assert dominant_offset(levels) == pytest.approx(float(np.mean(levels)))
+    checker = GateChecker(Gate.default(), reference, feeds[:8])
+    verdict = checker.check(moved)
+    assert not verdict.passed and "about its mean" in verdict.reason
+    assert checker.check(reference).passed
+    assert dominant_offset(logits) == 0.0  # logits, probabilities, boxes: judged as before
