@@ -70,13 +70,14 @@ class OverrideRunner:
             raise RuntimeError(f"onnxruntime does not let {missing[0]} be overridden")
         self.feedable = self.inputs | overridable  # ORT lists overridable initializers apart from inputs
         self.evaluation = [f for _, f in zip(range(samples), feeds)]
-        self.reference = [self.run(f) for f in self.evaluation[:2]]  # the second one timed: the first warms up
-        if budget is not None and len(self.evaluation) > MIN_SAMPLES:
+        self.reference = [self.run(f) for f in self.evaluation[:1]]  # (the first run warms the session up)
+        if len(self.evaluation) > 1:
             started = time.perf_counter()
-            self.run(self.evaluation[-1])
-            calls, seconds = budget
-            fit = int(seconds / max(calls * (time.perf_counter() - started), 1e-9))
-            self.evaluation = self.evaluation[:max(MIN_SAMPLES, min(fit, len(self.evaluation)))]
+            self.reference.append(self.run(self.evaluation[1]))  # the second one is timed
+            if budget is not None:
+                calls, seconds = budget
+                fit = int(seconds / max(calls * (time.perf_counter() - started), 1e-9))
+                self.evaluation = self.evaluation[:max(MIN_SAMPLES, min(fit, len(self.evaluation)))]
         self.reference += [self.run(f) for f in self.evaluation[2:]]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

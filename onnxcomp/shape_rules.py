@@ -118,7 +118,7 @@ def _target_values(concat: gs.Node, x: gs.Tensor, graph: gs.Graph, opset: int) -
         if dim is not None and dim[0] is x and dim[1] == len(values):
             values.append(0)
             copies += 1
-        elif free is None and _one_element(part, graph, opset):
+        elif free is None and (dim is not None or _gathered_dim(part, graph, opset)):
             free = len(values)
             values.append(-1)
         else:
@@ -130,11 +130,9 @@ def _target_values(concat: gs.Node, x: gs.Tensor, graph: gs.Graph, opset: int) -
     return values if copies else None
 
 
-def _one_element(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> bool:
-    """Whether `tensor` is surely a one-element 1-D int tensor: Shape(y)[i:i+1] of any y, or
-    Unsqueeze(Gather(Shape(y), scalar index), [0])."""
-    if _dim_of(tensor, graph, opset) is not None:
-        return True
+def _gathered_dim(tensor: gs.Tensor, graph: gs.Graph, opset: int) -> bool:
+    """Whether `tensor` is Unsqueeze(Gather(Shape(y), scalar index), [0]): one dimension of any y,
+    a one-element 1-D tensor (the other such form, Shape(y)[i:i+1], is `_dim_of`'s)."""
     node = _int_source(tensor, graph)
     if node is None or node.op != "Unsqueeze":
         return False

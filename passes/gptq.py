@@ -123,9 +123,9 @@ class Gptq(Pass):
         hessians = ctx.analysis_of(model, key, lambda: hs.layer_hessians(model, layers, feeds, cfg.samples)) \
             if layers else {}
         # kept across the gate's back-offs (same model, same settings: only the target moves)
-        found: dict[tuple[str, int, float], Quantized] = ctx.analysis_of(
-            model, "gptq-quantized:" + self._table_key(targets), dict)
-        factors: dict[str, list] = ctx.analysis_of(model, f"gptq-factors:{cfg.act_order}:{cfg.damp}:{key}", dict)
+        kept = ctx.analysis_of(model, "gptq-kept:" + self._table_key(targets), lambda: ({}, {}))
+        found: dict[tuple[str, int, float], Quantized] = kept[0]
+        factors: dict[str, list] = kept[1]
 
         def form(target: lowbit.Target, bits: int) -> str:
             if self._grid(bits) == "entropy":
