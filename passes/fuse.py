@@ -7,6 +7,7 @@ Rewrites
     Add(MatMul(a, B), c)                       -> Gemm(a, B, c)        a 2-D, B and c constant, c not widening
     Transpose(Transpose(x, p1), p2)            -> Transpose(x, p1[p2])  (or x when that is the identity)
     Reshape(Reshape(x, s1), s2)                -> Reshape(x, s2)        s2 constant without 0 entries
+    Reshape(Reshape(x, [n]), Shape(y))         -> Reshape(x, Shape(y))  a flatten, then a runtime shape
     Add(Conv(x, W, b), c)                      -> Conv(x, W, b + c)     c constant, one value per output channel
     Mul(Conv(x, W, b), k)                      -> Conv(x, W*k, b*k)     k constant, one value per output channel
     Mul(Mul(x, c1), c2)                        -> Mul(x, c1*c2)         (and Add chains) c1, c2 constant
@@ -332,11 +333,25 @@ def _merge_transposes(graph, t2: gs.Node) -> str | None:
 
 def _merge_reshapes(graph, r2: gs.Node) -> bool:
     r1 = _producer(r2.inputs[0], "Reshape")
-    target = _const(graph, r2.inputs[1]) if len(r2.inputs) > 1 else None
-    if r1 is None or target is None or np.any(target == 0):
+    if r1 is None or len(r2.inputs) < 2:
+        return False
+    target = _const(graph, r2.inputs[1])
+    if target is None and not _flatten_then_runtime_shape(graph, r1, r2):
+        return False
+    if target is not None and np.any(target == 0):
         return False  # 0 copies a dimension of the intermediate shape
     r2.inputs[0] = r1.inputs[0]
     return True
+
+
+def _flatten_then_runtime_shape(graph, r1: gs.Node, r2: gs.Node) -> bool:
+    """Reshape(Reshape(x, [n]), Shape(y)): a 0 in Shape(y) (y empty) would copy a dimension of the
+    1-D intermediate. Wherever both forms run they give the same tensor: a 0 at index 0 means
+    the rest of Shape(y) multiplies to 1 (or x is empty), so n and x's first dimension agree; a 0
+    further on makes the original fail. The merged form can only fail where the original ran,
+    on such an empty y (a mask exporters build as Reshape(Gather(...), [-1]) then Shape(mask))."""
+    flat = _const(graph, r1.inputs[1]) if len(r1.inputs) > 1 else None
+    return flat is not None and flat.size == 1 and _producer(r2.inputs[1], "Shape") is not None
 
 
 def _fold_into_batchnorm(graph, node: gs.Node, consumers, facts) -> bool:

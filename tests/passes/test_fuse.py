@@ -125,6 +125,23 @@ def test_fuse_merges_consecutive_reshapes():
     assert close(proto, model.to_proto(), {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)}, atol=0)
 
 
+def test_fuse_merges_a_flatten_into_a_reshape_to_a_runtime_shape_but_not_into_other_runtime_targets():
+    # the attention-mask pattern of BERT exports: flatten a gathered mask, reshape it like another tensor
+    proto, model, result = fuse('''g (float[2,3,4] x, float[4,1,6] y, int64[1] t) => (float[4,1,6] z, float[?] w)
+        <int64[1] flat = {-1}> {
+        a = Reshape(x, flat)
+        s = Shape(y)
+        z = Reshape(a, s)
+        b = Reshape(x, flat)
+        w = Reshape(b, t)
+    }''')
+    assert result.stats["reshapes_merged"] == 1
+    assert sorted(ops(model)) == ["Reshape", "Reshape", "Reshape", "Shape"]
+    feeds = {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32), "y": np.zeros((4, 1, 6), np.float32),
+             "t": np.array([0], np.int64)}  # t's 0 copies the flattened length 24: merged, it would copy 2
+    assert close(proto, model.to_proto(), feeds, atol=0)
+
+
 def test_fuse_reports_unchanged_when_nothing_matches():
     _, model, result = fuse('''g (float[2,3] x) => (float[2,3] y) {
         a = Relu(x)
