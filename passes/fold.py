@@ -136,7 +136,7 @@ class Fold(Pass):
                 continue
             done = []
             for node in scope.graph.nodes:
-                if node.op not in ("Shape", "Size", "Gather") or not gu.is_standard(node) or not node.inputs:
+                if node.op not in ("Shape", "Size", "Gather", "Slice") or not gu.is_standard(node) or not node.inputs:
                     continue
                 if not node.outputs or isinstance(node.outputs[0], gs.Constant):
                     continue
@@ -230,27 +230,11 @@ def _foldable_nodes(graph: gs.Graph, runtime: set[int], kept: dict) -> list[gs.N
 
 
 def _shape_value(node: gs.Node, facts: dict, runtime: set[int]) -> np.ndarray | None:
-    """The value of Shape(x)/Size(x) with x's shape static, or of Gather(Shape(x), const) whose
-    gathered dimensions are static (the others may be unknown)."""
-    if node.op == "Gather":
-        source, indices = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
-        shape_node = source.inputs[0] if not isinstance(source, gs.Constant) and len(source.inputs) == 1 else None
-        if (shape_node is None or shape_node.op != "Shape" or not gu.is_standard(shape_node) or indices is None
-                or not sf.is_known(indices, runtime) or node.attrs.get("axis", 0) not in (0, -1)):
-            return None
-        full = facts.get(shape_node.inputs[0].name, (None, None))[1] if shape_node.inputs else None
-        if isinstance(shape_node.inputs[0], gs.Constant):
-            full = tuple(int(d) for d in shape_node.inputs[0].shape)
-        if full is None:
-            return None
-        dims = list(full)[shape_node.attrs.get("start", 0):shape_node.attrs.get("end", None)]
-        idx = np.asarray(indices.values)
-        if idx.dtype.kind not in "iu" or idx.size == 0:
-            return None
-        flat = [int(i) + len(dims) if int(i) < 0 else int(i) for i in idx.reshape(-1)]
-        if any(i < 0 or i >= len(dims) or dims[i] is None or dims[i] < 0 for i in flat):
-            return None
-        return np.array([dims[i] for i in flat], dtype=np.int64).reshape(idx.shape)
+    """The value of Shape(x)/Size(x) with x's shape static, or of Gather(Shape(x), const) or
+    Slice(Shape(x), const...) whose selected dimensions are static (the others may be unknown);
+    Shape(x) may be seen through an integer Cast (paddle2onnx casts shapes to int32 first)."""
+    if node.op in ("Gather", "Slice"):
+        return _part_of_shape(node, facts, runtime)
     shape = gu.static_shape(facts, node.inputs[0])
     if shape is None:
         return None
@@ -258,6 +242,54 @@ def _shape_value(node: gs.Node, facts: dict, runtime: set[int]) -> np.ndarray | 
         start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
         return np.array(shape[start:end], dtype=np.int64)  # python slicing clamps like ONNX
     return np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+
+
+def _part_of_shape(node: gs.Node, facts: dict, runtime: set[int]) -> np.ndarray | None:
+    source = node.inputs[0]
+    dims, dtype = _shape_dims(source, facts)
+    params = [sf.is_known(t, runtime) and np.asarray(t.values) for t in node.inputs[1:] if t.name]
+    if dims is None or not params or any(p is False or p.dtype.kind not in "iu" for p in params):
+        return None
+    if node.op == "Gather":
+        idx = params[0]
+        if node.attrs.get("axis", 0) not in (0, -1) or idx.size == 0:
+            return None
+        flat = [int(i) + len(dims) if int(i) < 0 else int(i) for i in idx.reshape(-1)]
+        if any(i < 0 or i >= len(dims) for i in flat):
+            return None
+        picked, out_shape = [dims[i] for i in flat], idx.shape
+    else:  # Slice with 1-D starts, ends (axes 0, steps 1 or more)
+        starts, ends = params[0].reshape(-1), params[1].reshape(-1) if len(params) > 1 else None
+        axes = params[2].reshape(-1) if len(params) > 2 else np.zeros(1, np.int64)
+        steps = params[3].reshape(-1) if len(params) > 3 else np.ones(1, np.int64)
+        if ends is None or not (starts.size == ends.size == axes.size == steps.size == 1) or \
+                int(axes[0]) not in (0, -1) or int(steps[0]) < 1:
+            return None
+        picked = dims[slice(int(starts[0]), int(ends[0]), int(steps[0]))]  # python clamps like ONNX for step > 0
+        out_shape = (len(picked),)
+    if any(d is None or d < 0 for d in picked):
+        return None
+    if dtype == np.int32 and any(d >= 2**31 for d in picked):
+        return None
+    return np.array(picked, dtype=dtype).reshape(out_shape)
+
+
+def _shape_dims(tensor: gs.Tensor, facts: dict) -> tuple[list | None, type]:
+    """x's dims (None where unknown) when `tensor` is Shape(x) or an integer Cast of it, with the dtype."""
+    dtype = np.int64
+    producer = tensor.inputs[0] if not isinstance(tensor, gs.Constant) and len(tensor.inputs) == 1 else None
+    if producer is not None and producer.op == "Cast" and gu.is_standard(producer):
+        dtype = {6: np.int32, 7: np.int64}.get(int(producer.attrs.get("to", 0)))
+        source = producer.inputs[0] if producer.inputs else None
+        producer = source.inputs[0] if source is not None and len(source.inputs) == 1 else None
+    if producer is None or dtype is None or producer.op != "Shape" or not gu.is_standard(producer) or not producer.inputs:
+        return None, np.int64
+    x = producer.inputs[0]
+    full = tuple(int(d) for d in x.shape) if isinstance(x, gs.Constant) else facts.get(x.name, (None, None))[1]
+    if full is None:
+        return None, np.int64
+    full = [d if isinstance(d, int) else None for d in full]
+    return full[producer.attrs.get("start", 0):producer.attrs.get("end", None)], dtype
 
 
 def _if_condition_ancestors(graph: gs.Graph) -> set[int]:

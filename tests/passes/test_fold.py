@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnxcomp.passes.fold import Fold
 
@@ -173,3 +174,34 @@ def test_fold_reads_constant_nodes_from_their_attributes_without_an_ort_session(
     feeds = {"x": np.array([0.7, -2.5], np.float32), "i": np.array([1, 2], np.int64), "h": np.array([1, 2], np.float16)}
     before, after = outputs(proto, feeds), outputs(model.to_proto(), feeds)
     assert all(np.array_equal(u, v) for u, v in zip(before, after))
+
+
+def test_fold_resolves_the_static_part_of_a_shape_sliced_after_an_int32_cast():
+    # paddle2onnx casts shapes to int32 before slicing them; the batch stays unknown
+    proto, model, result = fold('''g (float[N,3,4] x) => (float[N,12] y) {
+        s = Shape(x)
+        c = Cast<to = 6>(s)
+        st = Constant<value = int64[1] {1}>()
+        en = Constant<value = int64[1] {3}>()
+        hw = Slice(c, st, en)
+        hw64 = Cast<to = 7>(hw)
+        n = ReduceProd<keepdims = 1>(hw64)
+        m = Constant<value = int64[1] {-1}>()
+        t = Concat<axis = 0>(m, n)
+        y = Reshape(x, t)
+    }''')
+    assert result.changed and not {"Slice", "ReduceProd", "Concat"} & set(ops(model))
+    assert isinstance(model.graph.nodes[-1].inputs[1], gs.Constant)  # the Reshape's target
+    for batch in (2, 0):
+        x = np.arange(batch * 12, dtype=np.float32).reshape(batch, 3, 4)
+        assert outputs(model.to_proto(), {"x": x})[0].tobytes() == outputs(proto, {"x": x})[0].tobytes()
+
+
+def test_fold_keeps_a_shape_slice_that_reaches_an_unknown_dimension():
+    _, model, _ = fold('''g (float[N,3,4] x) => (int64[2] y) {
+        s = Shape(x)
+        st = Constant<value = int64[1] {0}>()
+        en = Constant<value = int64[1] {2}>()
+        y = Slice(s, st, en)
+    }''')
+    assert "Slice" in ops(model)
