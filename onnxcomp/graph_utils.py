@@ -194,13 +194,9 @@ def infer_types(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
     for out in work.graph.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
-    inferred = None
-    for data_prop in (True, False):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False, data_prop=data_prop)
-            break
-        except Exception:  # inference may reject odd models; then we know only what is declared  # noqa: BLE001, S112 - onnx/ORT raise many exception types
-            continue
+    inferred = _infer(work)
+    if inferred is not None and _declare_reshape_ranks(work, inferred):
+        inferred = _infer(work) or inferred
     facts: dict[str, tuple[int, tuple | None]] = {}
     source = inferred.graph if inferred is not None else work.graph
     for vi in itertools.chain(source.input, source.value_info, source.output):
@@ -218,6 +214,39 @@ def _fact(tp: onnx.TypeProto):
         return (tt.elem_type, None)
     dims = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
     return (tt.elem_type, dims)
+
+
+def _infer(work: onnx.ModelProto) -> onnx.ModelProto | None:
+    for data_prop in (True, False):
+        try:
+            return onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False, data_prop=data_prop)
+        except Exception:  # inference may reject odd models; then we know only what is declared  # noqa: BLE001, S112 - onnx/ORT raise many exception types
+            continue
+    return None
+
+
+def _declare_reshape_ranks(work: onnx.ModelProto, inferred: onnx.ModelProto) -> int:
+    """Declare, in `work`, the rank of each Reshape output that inference left rankless although
+    its target's length is known (a target computed at run time: onnx infers nothing then, and
+    nothing after it; PP-OCR rec's attention). The rank is the target's length, a fact."""
+    known = {vi.name: vi.type for vi in itertools.chain(inferred.graph.input, inferred.graph.value_info,
+                                                         inferred.graph.output)}
+    for init in work.graph.initializer:
+        known.setdefault(init.name, onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims)))
+    added = 0
+    for node in work.graph.node:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        out, target, data = known.get(node.output[0]), known.get(node.input[1]), known.get(node.input[0])
+        if out is not None and out.tensor_type.HasField("shape"):
+            continue
+        length = _fact(target) if target is not None else None
+        elem = _fact(data) if data is not None else None
+        if length is None or length[1] is None or len(length[1]) != 1 or length[1][0] is None or elem is None:
+            continue
+        work.graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], elem[0], [None] * length[1][0]))
+        added += 1
+    return added
 
 
 def static_shape(facts: dict, tensor: gs.Tensor) -> tuple[int, ...] | None:

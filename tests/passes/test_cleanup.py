@@ -224,3 +224,25 @@ def test_cleanup_keeps_a_reshape_target_with_two_runtime_sizes_or_a_runtime_size
 
 def gu_constant(tensor):
     return np.asarray(tensor.values)
+
+
+def test_cleanup_knows_the_rank_after_a_reshape_to_a_runtime_target_and_removes_a_multiply_by_one():
+    # onnx (Reshape before opset 14) infers nothing after Reshape(x, runtime target), as in PP-OCR
+    # rec; the target's length is still the rank, and a rank-3 one then cannot broadcast the product
+    text = '''<ir_version: 7, opset_import: ["" : 12]>
+    g (float[N,120,H,W] x) => (float[N,120,M] y) <float[1,1,1] one = {1.0}> {
+        s = Shape(x)
+        st = Constant<value = int64[1] {0}>()
+        en = Constant<value = int64[1] {2}>()
+        n = Slice(s, st, en)
+        m = Constant<value = int64[1] {-1}>()
+        t = Concat<axis = 0>(n, m)
+        r = Reshape(x, t)
+        y = Mul(r, one)
+    }'''
+    proto = onnx.parser.parse_model(text)
+    model = Model.from_proto(proto)
+    Cleanup().run(model, PassContext())
+    assert "Mul" not in ops(model)
+    x = np.random.default_rng(0).standard_normal((2, 120, 3, 5)).astype(np.float32)
+    assert same_outputs(proto, model.to_proto(), {"x": x})
