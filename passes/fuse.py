@@ -9,7 +9,9 @@ Rewrites
     Reshape(Reshape(x, s1), s2)                -> Reshape(x, s2)        s2 constant without 0 entries
     Reshape(Reshape(x, [n]), Shape(y))         -> Reshape(x, Shape(y))  a flatten, then a runtime shape
     Add(Conv(x, W, b), c)                      -> Conv(x, W, b + c)     c constant, one value per output channel
-    Mul(Conv(x, W, b), k)                      -> Conv(x, W*k, b*k)     k constant, one value per output channel
+                                                  (ConvTranspose too)
+    Mul(Conv(x, W, b), k)                      -> Conv(x, W*k, b*k)     k constant, one value per output channel,
+                                                  second (Mul(k, Conv) stays: ORT would not fold it)
     Mul(Mul(x, c1), c2)                        -> Mul(x, c1*c2)         (and Add chains) c1, c2 constant
     Mul(BatchNormalization(x), k)              -> BatchNormalization(x) with scale*k, B*k   k per channel
     Add(BatchNormalization(x), c)              -> BatchNormalization(x) with B+c           (a BN whose conv
@@ -237,12 +239,15 @@ def _absorb(graph, conv: gs.Node, follower: gs.Node, bias: np.ndarray) -> None:
 
 
 def _fold_into_conv(graph, node: gs.Node, consumers, opset) -> bool:
-    """Add/Mul of a per-output-channel constant after a Conv -> the Conv's bias/weights."""
+    """Add/Mul of a per-output-channel constant after a Conv -> the Conv's bias/weights; Add after
+    a ConvTranspose -> its bias. A Mul is folded only in the form ORT folds itself at load
+    (ConvMulFusion: the constant second), so the result runs bit-identically there; Mul(k, Conv)
+    stays (folded, PP-OCR det's outputs moved by 6e-5)."""
     if opset < 7 and node.attrs.get("broadcast", 0):
         return False  # opset < 7 broadcasting rules (axis attribute) are not worth handling
-    for index in (0, 1):
+    for index in (0, 1) if node.op == "Add" else (0,):
         y, c_tensor = node.inputs[index], node.inputs[1 - index]
-        conv = _producer(y, "Conv")
+        conv = _producer(y, "Conv") or (_producer(y, "ConvTranspose") if node.op == "Add" else None)
         c = _const(graph, c_tensor)
         if conv is None or c is None or len(conv.outputs) != 1 or not _only_feeds(graph, y, node, consumers):
             continue
@@ -252,6 +257,8 @@ def _fold_into_conv(graph, node: gs.Node, consumers, opset) -> bool:
         if weight is None or (has_bias and bias is None) or weight.dtype.kind != "f" or c.dtype != weight.dtype:
             continue
         channels, rank = weight.shape[0], weight.ndim  # the output has the weight's rank
+        if conv.op == "ConvTranspose":
+            channels = weight.shape[1] * int(conv.attrs.get("group", 1))
         padded = (1,) * (rank - c.ndim) + c.shape
         if c.ndim > rank or padded[0] != 1 or padded[1] not in (1, channels) or any(d != 1 for d in padded[2:]):
             continue  # anything but one value per channel (or one in all) would change the shape

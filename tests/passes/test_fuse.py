@@ -170,13 +170,13 @@ CONV_AFFINE = """
 g (float[1, 2, 5, 5] x) => (float[1, 3, 5, 5] y) {
     c = Conv<pads = [1, 1, 1, 1]>(x, w)
     a = Add(c, shift)
-    y = Mul(scale, a)
+    y = Mul(a, scale)
 }
 """
 
 
-def _conv_affine_model(shift_shape=(3, 1, 1)):
-    proto = onnx.parser.parse_model(CONV_AFFINE)
+def _conv_affine_model(shift_shape=(3, 1, 1), text=CONV_AFFINE):
+    proto = onnx.parser.parse_model(text)
     rng = np.random.default_rng(0)
     for name, value in (("w", rng.standard_normal((3, 2, 3, 3))), ("shift", rng.standard_normal(shift_shape)),
                         ("scale", rng.standard_normal((1, 3, 1, 1)))):
@@ -191,6 +191,32 @@ def test_fuse_folds_per_channel_add_and_mul_after_a_conv_into_its_bias_and_weigh
     assert result.changed and result.stats == {"conv_add_folded": 1, "conv_mul_folded": 1}
     assert [n.op for n in model.graph.nodes] == ["Conv"]
     assert onnxcomp.validate(proto, model, tolerance=onnxcomp.Tolerance(atol=1e-5, rtol=1e-5)).passed
+
+
+def test_fuse_leaves_a_scale_before_a_conv_output_so_outputs_stay_bit_identical_on_ort():
+    # ORT folds Mul(Conv, k) into the Conv at load but not Mul(k, Conv): folding the latter moved
+    # PP-OCR det's outputs by 6e-5, as the conv then rounds x*(W*k) instead of (x*W)*k
+    proto = _conv_affine_model(text=CONV_AFFINE.replace("Mul(a, scale)", "Mul(scale, a)"))
+    model = onnxcomp.load(proto)
+    result = Fuse().run(model, PassContext())
+    assert result.stats == {"conv_add_folded": 1}
+    assert [n.op for n in model.graph.nodes] == ["Conv", "Mul"]
+    feeds = {"x": RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)}
+    assert close(proto, model.to_proto(), feeds, atol=0)
+
+
+def test_fuse_folds_a_per_channel_add_after_a_conv_transpose_into_its_bias():
+    proto = onnx.parser.parse_model(HEADER + '''g (float[1, 2, 4, 4] x) => (float[1, 6, 8, 8] y) {
+        c = ConvTranspose<strides = [2, 2], group = 2>(x, w)
+        y = Add(c, shift)
+    }''')
+    for name, value in (("w", RNG.standard_normal((2, 3, 2, 2))), ("shift", RNG.standard_normal((6, 1, 1)))):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+    model = onnxcomp.load(proto)
+    result = Fuse().run(model, PassContext())
+    assert result.stats == {"conv_add_folded": 1}
+    assert [n.op for n in model.graph.nodes] == ["ConvTranspose"]
+    assert close(proto, model.to_proto(), {"x": RNG.standard_normal((1, 2, 4, 4)).astype(np.float32)})
 
 
 def test_fuse_leaves_an_add_that_is_not_per_channel():
