@@ -26,7 +26,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxcomp.errors import InputError, OutputError
 from onnxcomp.files import staging_folder
-from onnxcomp.graph_utils import toposort
+from onnxcomp.graph_utils import iter_nodes, toposort
 from onnxcomp.repair import describe_nonfinite, nonfinite_initializers, unique_node_names  # noqa: F401 (API)
 from onnxcomp.value_types import (restore_type_attributes, restore_types, type_attributes_as_strings, types_to_keep,
                                   untyped_for_export)
@@ -120,6 +120,7 @@ class Model:
     def _export(self) -> onnx.ModelProto:
         """graphsurgeon's export of the graph, with the model's own fields restored."""
         toposort(self.graph)
+        _detach_renamed_constants(self.graph)
         opsets = dict(self.opset_imports)
         opsets[""] = self.graph.opset  # a pass may have upgraded the default-domain opset
         self.graph.import_domains = [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()]
@@ -637,6 +638,21 @@ def _write_data(const: gs.Constant, out) -> None:
     else:
         array = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
         out.write(array.reshape(-1).view(np.uint8).data)
+
+
+def _detach_renamed_constants(graph: gs.Graph) -> None:
+    """graphsurgeon exports a Constant still backed by the TensorProto it was read from by
+    renaming that very proto: a Constant renamed since (minify, unique weight names) would rename
+    the initializer of the caller's own model, which then no longer loads. Such a Constant gets a
+    copy of its proto first (once: the copy then carries the new name)."""
+    for node in iter_nodes(graph):
+        for const in node.inputs:
+            values = getattr(const, "_values", None)
+            if type(values) is LazyValues and values.tensor.name != const.name:
+                own = onnx.TensorProto()
+                own.CopyFrom(values.tensor)
+                own.name = const.name
+                const._values = LazyValues(own)  # (a new one: a model copy may share the old)
 
 
 @contextmanager
