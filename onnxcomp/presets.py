@@ -19,15 +19,15 @@ PRESETS: dict[str, tuple[str, str]] = {
              "float16 weights and compute, float32 inputs/outputs, normalizations and softmax kept float32 "
              "(for the CUDA EP; needs data for the gate)"),
     "deep-compression": ("fold, cleanup, fuse, prune(sparsity=0.8, scope=global, saliency=hessian), "
-                         "codebook(bits=4), entropy",
+                         "codebook(bits=4), minify, entropy",
                          "Hessian pruning + 4-bit k-means codebooks + entropy coding (needs --calibration; "
                          "write .onnxc)"),
     "compact": ("fold, cleanup, fuse, gptq(choices=[2,3,4,5,6,8], sparsities=[0,0.5,0.75], target_ratio=16, grid=entropy, "
-                "form=fold), entropy",
+                "form=fold), minify, entropy",
                 "GPTQ low-bit weights on grids sized for the entropy coder, per-layer bits and sparsity chosen "
                 "from measured bytes and output error to 16x smaller weights, backed off by the accuracy gate "
                 "by the bits its miss needs; ORT decodes them at load and runs at float speed (needs --calibration; write .onnxc)"),
-    "max": ("fold, cleanup, fuse, prune(sparsity=0.95, scope=global, saliency=hessian), codebook(bits=3), entropy",
+    "max": ("fold, cleanup, fuse, prune(sparsity=0.95, scope=global, saliency=hessian), codebook(bits=3), minify, entropy",
             "the most aggressive start, backed off by the accuracy gate until it holds (needs --calibration)"),
 }
 
