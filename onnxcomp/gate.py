@@ -338,6 +338,7 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
     passes = list(pipeline.passes)
     path: list[dict[str, Any]] = []
     best = None  # (closeness, model) of the attempt nearest the gate: --keep-failed writes it
+    stalled = None  # (index, closeness) of the pass last backed off, and how near the gate that attempt was
     notes_before = list(ctx.notes)
     for attempt in range(checker.gate.budget + 1):
         ctx.notes[:] = notes_before  # a discarded attempt's notes do not describe the result
@@ -357,6 +358,10 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
         if best is None or closeness > best[0]:
             best = (closeness, result.model)
         culprit = _first_failing(checker, passes, snapshots)
+        if stalled is not None and stalled[0] == culprit and closeness <= stalled[1]:
+            # backing this pass off did not move the outputs at all: an earlier lossy pass used up
+            # the allowance (pruning at 0.44 of 0.5 points, then any codebook at 0.67), so weaken it
+            culprit = max((i for i in range(culprit) if not passes[i].lossless), default=culprit)
         step["culprit"] = str(passes[culprit])
         weaker = _backoff(passes[culprit], checker.shortfall(verdict))
         step["reason"] = verdict.reason
@@ -366,6 +371,7 @@ def run_gated(pipeline, source, ctx, checker: GateChecker) -> tuple[Any, list[di
         else:
             step["action"] = f"backed off {passes[culprit]} -> {weaker}"
             passes = passes[:culprit] + [weaker] + passes[culprit + 1:]
+        stalled = (culprit, closeness) if weaker is not None else None
         ctx.invalidate()
     last = path[-1]
     error = GateFailed(f"the gate ({checker.gate.describe()}, on {len(checker.feeds)} samples) still fails "
