@@ -77,6 +77,7 @@ class Model:
                 raise InputError("the graph has a cycle: a node depends on its own output") from exc
             raise InputError(f"cannot read the graph: {type(exc).__name__}: {exc}") from exc
         renamed = unique_node_names(graph)
+        _keep_declared_io_shapes(graph, proto.graph)
         return cls(
             graph=graph,
             ir_version=proto.ir_version,
@@ -638,6 +639,19 @@ def _write_data(const: gs.Constant, out) -> None:
     else:
         array = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
         out.write(array.reshape(-1).view(np.uint8).data)
+
+
+def _keep_declared_io_shapes(graph: gs.Graph, declared: onnx.GraphProto) -> None:
+    """graphsurgeon takes a tensor's type from value_info before the graph's own input/output
+    declaration; a model whose value_info repeats an output without its shape (ddddocr) would lose
+    the shape it declares for that output. The declaration wins."""
+    for tensors, infos in ((graph.inputs, declared.input), (graph.outputs, declared.output)):
+        shapes = {vi.name: vi.type.tensor_type.shape for vi in infos
+                  if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+        for tensor in tensors:
+            if isinstance(tensor, gs.Variable) and tensor.shape is None and tensor.name in shapes:
+                tensor.shape = [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                                for d in shapes[tensor.name].dim]
 
 
 def _detach_renamed_constants(graph: gs.Graph) -> None:

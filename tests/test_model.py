@@ -40,6 +40,21 @@ def test_ir3_mnist_round_trips_with_initializers_listed_as_inputs(mnist_path, tm
     assert onnxcomp.validate(mnist_path, out, tolerance=onnxcomp.Tolerance.exact()).passed
 
 
+def test_an_output_keeps_its_declared_shape_when_value_info_repeats_it_without_one():
+    # ddddocr's value_info lists its output again, rankless; the output's own [1, seqlen] must stay
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, seqlen, 4] x) => (float[1, seqlen] y) {
+        y = ReduceSum<keepdims = 0>(x, axes)
+    }""")
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array([2], np.int64), "axes"))
+    proto.graph.value_info.append(onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None))
+    out = onnxcomp.optimize(proto, "fold, cleanup, fuse", check=False).model.to_proto()
+    dims = [d.dim_value or d.dim_param for d in out.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [1, "seqlen"]
+    onnx.checker.check_model(out)
+
+
 def test_metadata_and_opset_imports_survive_a_round_trip(ultraface_path, tmp_path):
     original = onnx.load(ultraface_path)
     original.metadata_props.add(key="author", value="tests")
