@@ -195,7 +195,7 @@ def infer_types(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
     inferred = _infer(work)
-    if inferred is not None and _declare_reshape_ranks(work, inferred):
+    if inferred is not None and _declare_missing(work, inferred):
         inferred = _infer(work) or inferred
     facts: dict[str, tuple[int, tuple | None]] = {}
     source = inferred.graph if inferred is not None else work.graph
@@ -225,28 +225,53 @@ def _infer(work: onnx.ModelProto) -> onnx.ModelProto | None:
     return None
 
 
-def _declare_reshape_ranks(work: onnx.ModelProto, inferred: onnx.ModelProto) -> int:
-    """Declare, in `work`, the rank of each Reshape output that inference left rankless although
-    its target's length is known (a target computed at run time: onnx infers nothing then, and
-    nothing after it; PP-OCR rec's attention). The rank is the target's length, a fact."""
+def _declare_missing(work: onnx.ModelProto, inferred: onnx.ModelProto) -> int:
+    """Declare, in `work`, what onnx inference left unknown but the node's definition fixes, so
+    one more inference carries it on (onnx infers nothing after an unknown tensor):
+    - the rank of a Reshape output whose target has a known length but a run-time value
+      (Reshape before opset 14; PP-OCR rec's attention): the rank is the target's length;
+    - the outputs of ORT's DynamicQuantizeLSTM (com.microsoft, no onnx schema; ddddocr), shaped
+      as LSTM's: Y [seq, directions, batch, hidden], Y_h and Y_c [directions, batch, hidden]."""
     known = {vi.name: vi.type for vi in itertools.chain(inferred.graph.input, inferred.graph.value_info,
                                                          inferred.graph.output)}
     for init in work.graph.initializer:
         known.setdefault(init.name, onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims)))
+
+    def fact(name):
+        return _fact(known[name]) if name in known else None
+
+    outputs = {out.name: out for out in work.graph.output if out.type.HasField("tensor_type")}
     added = 0
     for node in work.graph.node:
-        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        if not node.output or (node.output[0] in known and known[node.output[0]].tensor_type.HasField("shape")):
             continue
-        out, target, data = known.get(node.output[0]), known.get(node.input[1]), known.get(node.input[0])
-        if out is not None and out.tensor_type.HasField("shape"):
-            continue
-        length = _fact(target) if target is not None else None
-        elem = _fact(data) if data is not None else None
-        if length is None or length[1] is None or len(length[1]) != 1 or length[1][0] is None or elem is None:
-            continue
-        work.graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], elem[0], [None] * length[1][0]))
-        added += 1
+        declared = []
+        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and len(node.input) >= 2:
+            target, data = fact(node.input[1]), fact(node.input[0])
+            if target and data and target[1] and len(target[1]) == 1 and target[1][0] is not None:
+                declared = [(node.output[0], data[0], [None] * target[1][0])]
+        elif node.op_type == "DynamicQuantizeLSTM" and node.domain == "com.microsoft":
+            declared = _lstm_outputs(node, fact(node.input[0]))
+        for name, elem, dims in declared:
+            if not name:
+                continue
+            output = outputs.get(name)
+            if output is not None:  # a graph output's type is its declaration (cleared above)
+                output.type.CopyFrom(onnx.helper.make_tensor_type_proto(elem, dims))
+            else:
+                work.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, dims))
+            added += 1
     return added
+
+
+def _lstm_outputs(node: onnx.NodeProto, x) -> list:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if x is None or x[1] is None or len(x[1]) != 3 or "hidden_size" not in attrs or attrs.get("layout", 0) != 0:
+        return []
+    directions = 2 if attrs.get("direction", b"forward") == b"bidirectional" else 1
+    seq, batch, hidden = x[1][0], x[1][1], int(attrs["hidden_size"])
+    shapes = ([seq, directions, batch, hidden], [directions, batch, hidden], [directions, batch, hidden])
+    return [(name, x[0], dims) for name, dims in zip(node.output, shapes)]
 
 
 def static_shape(facts: dict, tensor: gs.Tensor) -> tuple[int, ...] | None:

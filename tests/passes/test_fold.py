@@ -205,3 +205,34 @@ def test_fold_keeps_a_shape_slice_that_reaches_an_unknown_dimension():
         y = Slice(s, st, en)
     }''')
     assert "Slice" in ops(model)
+
+
+def test_fold_knows_the_shape_of_ort_dynamic_quantize_lstm_outputs(tmp_path):
+    # ORT's DynamicQuantizeLSTM (com.microsoft, what quantize_dynamic makes of an LSTM; ddddocr)
+    # has no onnx schema: onnx infers nothing after it. Its outputs are shaped as LSTM's.
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    hidden, size = 8, 16
+    text = f'''<ir_version: 8, opset_import: ["" : 14]>
+    g (float[T,1,{size}] x) => (float[T,2,1,{hidden}] y, int64[1] h) {{
+        y = LSTM<direction = "bidirectional", hidden_size = {hidden}>(x, w, r, b)
+        s = Shape(y)
+        i = Constant<value = int64[1] {{3}}>()
+        h = Gather<axis = 0>(s, i)
+    }}'''
+    proto = onnx.parser.parse_model(text)
+    for name, shape in (("w", (2, 4 * hidden, size)), ("r", (2, 4 * hidden, hidden)), ("b", (2, 8 * hidden))):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    onnx.save(proto, tmp_path / "lstm.onnx")
+    quantize_dynamic(tmp_path / "lstm.onnx", tmp_path / "q.onnx", weight_type=QuantType.QInt8)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert [n.op_type for n in quantized.graph.node if n.domain == "com.microsoft"] == ["DynamicQuantizeLSTM"]
+    model = Model.from_proto(quantized)
+    Fold().run(model, PassContext())
+    h = model.graph.outputs[1]
+    assert isinstance(h, gs.Constant) or (h.inputs and h.inputs[0].op == "Identity"
+                                          and isinstance(h.inputs[0].inputs[0], gs.Constant))
+    x = rng.standard_normal((5, 1, size)).astype(np.float32)
+    before, after = outputs(quantized, {"x": x}), outputs(model.to_proto(), {"x": x})
+    assert after[1].tolist() == [hidden] and all(a.tobytes() == b.tobytes() for a, b in zip(before, after))
