@@ -107,6 +107,13 @@ class Fold(Pass):
         stats: Counter = Counter()
         limit = int(self.config.max_growth_mb * 2**20)
         self._kept: dict[int, str] = {}  # node id -> why it stays (decided once, not re-evaluated)
+        # Constant nodes first, read from their attributes (no ORT): a Gather's indices or a Slice's
+        # starts are then known to the first shape round, which saves a second one (silero, PP-OCR det)
+        for scope in scopes(model.graph):
+            nodes = [n for n in scope.graph.nodes
+                     if n.op == "Constant" and gu.is_standard(n) and n.outputs and id(n) not in self._kept]
+            values = {id(n.outputs[0]): v for n in nodes if (v := _constant_node_value(n)) is not None}
+            self._apply(scope.graph, [n for n in nodes if id(n.outputs[0]) in values], values, limit, stats)
         for _ in range(self.config.max_rounds):
             progress = 0
             graph = model.graph
