@@ -94,7 +94,10 @@ class Prune(Pass):
         samples: int = param(128, "calibration samples used (hessian, auto)", min=1)
         sequential: bool = param(True, "hessian: capture each layer's inputs from the model pruned so far")
         block_size: int = param(128, "hessian: SparseGPT lazy column-block width", min=1)
-        damp: float = param(0.01, "hessian: dampening, a fraction of the mean Hessian diagonal", min=0.0, max=1.0)
+        damp: float = param(0.1, "hessian: dampening, a fraction of the mean Hessian diagonal (0.1, not "
+                            "SparseGPT's 0.01: with a few calibration samples 0.01 fits the pruning to them; Magika "
+                            "pruned to 55 % on 8 files misread an unseen one, cosine 0.37; at 0.1, 0.999)",
+                            min=0.0, max=1.0)
 
         def __post_init__(self):
             n, m = parse_pattern(self.pattern)
