@@ -230,11 +230,14 @@ def peek_values(const: gs.Constant) -> np.ndarray:
     if not isinstance(values, LazyValues):
         return values
     tensor = values.tensor
-    if tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL and \
-            tensor.data_type in _NATIVE_DTYPES and np.little_endian:
-        # a read-only view of the protobuf's bytes: no copy (numpy_helper.to_array copies every weight)
-        return np.frombuffer(tensor.raw_data, _NATIVE_DTYPES[tensor.data_type]).reshape(tuple(tensor.dims))
-    return values.load()
+    try:
+        if tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL and \
+                tensor.data_type in _NATIVE_DTYPES and np.little_endian:
+            # a read-only view of the protobuf's bytes: no copy (numpy_helper.to_array copies every weight)
+            return np.frombuffer(tensor.raw_data, _NATIVE_DTYPES[tensor.data_type]).reshape(tuple(tensor.dims))
+        return values.load()
+    except ValueError as exc:  # numpy's "cannot reshape array of size 10 into shape (1000,)"
+        raise InputError(f"tensor {const.name!r}: its data does not fill its shape {list(tensor.dims)} ({exc})") from None
 
 
 _NATIVE_DTYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (

@@ -202,6 +202,17 @@ def huge_input_dim(folder):
     return _write(folder, proto)
 
 
+def short_weight(folder):
+    """A weight whose raw data holds 10 of the 1,000 floats its shape declares."""
+    proto = _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1000] x) => (float[1000] y) { y = Add(x, w) }""")
+    weight = onnx.numpy_helper.from_array(np.ones(10, np.float32), "w")
+    weight.dims[:] = [1000]
+    proto.graph.initializer.append(weight)
+    return _write(folder, proto)
+
+
 def nan_inf(folder):
     """NaN and +-Inf in a weight and in a bias: the affected output columns are NaN/Inf, the others finite."""
     weights = small_cnn_weights()
@@ -426,6 +437,8 @@ ROWS: dict[str, Row] = {
     # a lossless run writes its result "not validated", naming the input it could not generate
     "huge-input-dim": Row(huge_input_dim, "input 'x': a generated input of shape 9223372036854775807x3x8x8 (float32) "
                           "is too large", errors={**DESCRIBED, "optimize": None}, comparable=False),
+    "short-weight": Row(short_weight, "tensor 'w': its data does not fill its shape [1000]", errors={
+        "pack": None, "validate": "raw_data size (40 bytes) does not match expected size"}),
     "nan-inf": Row(nan_inf, lossy=LOSSY + ("quantize_dynamic(mode=weight_only, bits=4)", "codebook(bits=4)")),
     "zero-weights": Row(zero_weights, lossy=LOSSY + ("fold, cleanup, fuse, quantize(per_channel=true)",
                                                      "quantize_dynamic(mode=weight_only, bits=4, min_size=0)",
