@@ -151,12 +151,15 @@ def factor_many(hs: list[np.ndarray], act_order: bool = True, percdamp: float = 
     return [(order[g], np.ascontiguousarray(upper[g])) for g in range(len(h))]
 
 
-def _prune_block(w1: np.ndarray, d: np.ndarray, pruned: np.ndarray, sparsity: float) -> None:
-    """Mark the block's least salient weights (OBS: w² / [H⁻¹]_qq, SparseGPT's choice) up to `sparsity`."""
-    want = round(sparsity * w1.size) - int(pruned.sum())
+def _prune_block(w1: np.ndarray, d: np.ndarray, pruned: np.ndarray, sparsity: float, unseen: np.ndarray) -> None:
+    """Mark the block's least salient weights (OBS: w² / [H⁻¹]_qq, SparseGPT's choice) up to `sparsity`
+    of its seen columns; never those of `unseen` columns (no calibration evidence either way, see
+    quantize), which do not count either: a block of mostly unseen inputs is not emptied of the rest."""
+    seen = np.broadcast_to(~unseen[None, :], w1.shape)
+    score = np.where(pruned | ~seen, np.inf, w1 ** 2 / (d[None, :] ** 2))
+    want = round(sparsity * int(seen.sum())) - int((pruned & seen).sum())
     if want <= 0:
         return
-    score = np.where(pruned, np.inf, w1 ** 2 / (d[None, :] ** 2))
     pruned.flat[np.argpartition(score.ravel(), want - 1)[:want]] = True
 
 
@@ -207,14 +210,18 @@ def quantize(w: np.ndarray, bits: int, group: int = 0, h: np.ndarray | None = No
         return Quantized(codes, scale, zero, bits, group)
 
     h = np.array(h, np.float64)
-    dead = np.diag(h) <= 0
-    w[:, dead] = 0.0
+    # An input no calibration sample made non-zero keeps its weights, rounded (no error to spread:
+    # its Hessian row is empty), unpruned. The GPTQ reference zeroes them, right for dead neurons
+    # but wrong for a byte value or token the calibration data lacked: Magika's one-hot byte
+    # embedding lost every byte its 8 calibration files did not hold (Python files not among
+    # them fell to cosine 0.91).
+    unseen = np.diag(h) <= 0
     order, u = factored if factored is not None else factor(h, act_order, percdamp)
     static = act_order  # groups follow the stored column order, not the visiting order: fix them first
     if static:
         for g in range(groups):
             fit(g, w[:, g * group:(g + 1) * group])
-    w, pruned = w[:, order], pruned[:, order]
+    w, pruned, unseen = w[:, order], pruned[:, order], unseen[order]
     if not static:
         blocksize = max(group, (blocksize // group) * group) if group < cols else blocksize
     group_of = order // group
@@ -224,7 +231,7 @@ def quantize(w: np.ndarray, bits: int, group: int = 0, h: np.ndarray | None = No
         err1 = np.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         if sparsity:
-            _prune_block(w1, np.diag(u1), pruned[:, i1:i2], sparsity)
+            _prune_block(w1, np.diag(u1), pruned[:, i1:i2], sparsity, unseen[i1:i2])
         for i in range(i2 - i1):
             c = i1 + i
             g = group_of[c]
