@@ -193,11 +193,14 @@ def quantize(w: np.ndarray, bits: int, group: int = 0, h: np.ndarray | None = No
     zero = np.zeros((rows, groups), np.uint8)
     diag = np.diag(h) if h is not None else None
 
-    def fit(g: int, block: np.ndarray) -> None:
+    def fit(g: int, block: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """The grid of group g from `block`, or from its columns `keep` only."""
+        cols_of_g = np.arange(g * group, min((g + 1) * group, cols))
+        if keep is not None and keep.any() and not keep.all():
+            block, cols_of_g = block[:, keep], cols_of_g[keep]
         if entropy:
             scale[:, g], zero[:, g] = fit_entropy_grid(block, bits)
             return
-        cols_of_g = slice(g * group, min((g + 1) * group, cols))
         scale[:, g], zero[:, g] = fit_grid(block, bits, symmetric, None if diag is None else diag[cols_of_g])
 
     if h is None:
@@ -218,9 +221,9 @@ def quantize(w: np.ndarray, bits: int, group: int = 0, h: np.ndarray | None = No
     unseen = np.diag(h) <= 0
     order, u = factored if factored is not None else factor(h, act_order, percdamp)
     static = act_order  # groups follow the stored column order, not the visiting order: fix them first
-    if static:
-        for g in range(groups):
-            fit(g, w[:, g * group:(g + 1) * group])
+    if static:  # (grids from the seen columns: an unseen one is often a dead unit's untrained weight,
+        for g in range(groups):  # which would coarsen the step of every trained one; PP-OCR cls)
+            fit(g, w[:, g * group:(g + 1) * group], ~unseen[g * group:(g + 1) * group])
     w, pruned, unseen = w[:, order], pruned[:, order], unseen[order]
     if not static:
         blocksize = max(group, (blocksize // group) * group) if group < cols else blocksize
