@@ -49,10 +49,12 @@ class Minify(Pass):
             stats["ir_version_raised"] = 1
         model.doc_string = ""
         boundary = set()  # every graph's own inputs and outputs keep their types (If/Loop need them)
+        existing = set(interface)  # a new name never repeats one a tensor left unvisited still has
         for scope in scopes(graph):
             scope.graph.doc_string = ""
             boundary.update(id(t) for t in scope.graph.inputs + scope.graph.outputs)
-        names = _short_names(interface)
+            existing.update(t.name for t in scope.graph.tensors().values())
+        names = _short_names(existing)
         seen: set[int] = set()
         for scope in scopes(graph):
             for node in scope.graph.nodes:
