@@ -254,8 +254,10 @@ def _shape_value(node: gs.Node, facts: dict, runtime: set[int]) -> np.ndarray | 
 def _part_of_shape(node: gs.Node, facts: dict, runtime: set[int]) -> np.ndarray | None:
     source = node.inputs[0]
     dims, dtype = _shape_dims(source, facts)
-    params = [sf.is_known(t, runtime) and np.asarray(t.values) for t in node.inputs[1:] if t.name]
-    if dims is None or not params or any(p is False or p.dtype.kind not in "iu" for p in params):
+    # by position: an omitted optional input ("") is None, so Slice's steps never pass for its axes
+    params = [(sf.is_known(t, runtime) and np.asarray(t.values)) if t.name else None for t in node.inputs[1:]]
+    if dims is None or not params or params[0] is None or \
+            any(p is False or (p is not None and p.dtype.kind not in "iu") for p in params):
         return None
     if node.op == "Gather":
         idx = params[0]
@@ -266,9 +268,10 @@ def _part_of_shape(node: gs.Node, facts: dict, runtime: set[int]) -> np.ndarray 
             return None
         picked, out_shape = [dims[i] for i in flat], idx.shape
     else:  # Slice with 1-D starts, ends (axes 0, steps 1 or more)
-        starts, ends = params[0].reshape(-1), params[1].reshape(-1) if len(params) > 1 else None
-        axes = params[2].reshape(-1) if len(params) > 2 else np.zeros(1, np.int64)
-        steps = params[3].reshape(-1) if len(params) > 3 else np.ones(1, np.int64)
+        given = params + [None] * (4 - len(params))
+        starts, ends = given[0].reshape(-1), given[1].reshape(-1) if given[1] is not None else None
+        axes = given[2].reshape(-1) if given[2] is not None else np.zeros(1, np.int64)
+        steps = given[3].reshape(-1) if given[3] is not None else np.ones(1, np.int64)
         if ends is None or not (starts.size == ends.size == axes.size == steps.size == 1) or \
                 int(axes[0]) not in (0, -1) or int(steps[0]) < 1:
             return None

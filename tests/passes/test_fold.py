@@ -236,3 +236,17 @@ def test_fold_knows_the_shape_of_ort_dynamic_quantize_lstm_outputs(tmp_path):
     x = rng.standard_normal((5, 1, size)).astype(np.float32)
     before, after = outputs(quantized, {"x": x}), outputs(model.to_proto(), {"x": x})
     assert after[1].tolist() == [hidden] and all(a.tobytes() == b.tobytes() for a, b in zip(before, after))
+
+
+def test_fold_reads_a_shape_slice_s_steps_in_their_place_when_its_axes_are_omitted():
+    # Slice(Shape(x), [2], [0], "", [-1]) is [x.dim2, x.dim1] = [4, 3]; read as axes, the -1 would
+    # have made a forward slice of nothing
+    proto, model, _ = fold('''g (float[N,3,4] x) => (int64[2] y) {
+        s = Shape(x)
+        st = Constant<value = int64[1] {2}>()
+        en = Constant<value = int64[1] {0}>()
+        sp = Constant<value = int64[1] {-1}>()
+        y = Slice(s, st, en, , sp)
+    }''')
+    x = np.zeros((2, 3, 4), np.float32)
+    assert outputs(model.to_proto(), {"x": x})[0].tolist() == outputs(proto, {"x": x})[0].tolist() == [4, 3]
